@@ -1,0 +1,273 @@
+"""Plain PyTorch: a checkpointer for hand-written training loops.
+
+Example:
+    >>> import tempfile, torch
+    >>> from bestsave.adapters.torch import TorchCheckpointer
+    >>> model = torch.nn.Linear(3, 1)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> ckpt = TorchCheckpointer(tempfile.mkdtemp(), monitor="val_loss", save_last=True)
+    >>> start = ckpt.restore(model, optimizer)          # 0 for a new run
+    >>> for epoch in range(start, 3):
+    ...     metrics = {"val_loss": [0.5, 0.3, 0.4][epoch], "train_loss": 0.1}
+    ...     _ = ckpt.step(epoch, metrics, model=model, optimizer=optimizer)
+    >>> ckpt.close()
+    >>> ckpt.load_best(model).epoch
+    1
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import warnings
+from collections.abc import Iterable, Mapping
+from types import FrameType, TracebackType
+from typing import Any, Literal
+
+import torch
+
+from bestsave import BestSaver, Decision, Record, fetch, load_manifest
+from bestsave.naming import DEFAULT_TEMPLATE
+from bestsave.tracker import BestSaveWarning
+
+__all__ = ["Terminated", "TorchCheckpointer"]
+
+
+class Terminated(Exception):
+    """Raised in the training loop when the process receives SIGTERM inside ``with ckpt:``."""
+
+
+def global_rank() -> int:
+    """This process's rank under ``torch.distributed`` (or ``RANK``), 0 when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return int(os.environ.get("RANK", 0))
+
+
+class TorchCheckpointer:
+    """Keeps the best checkpoints of a plain PyTorch loop.
+
+    Accepts every :class:`bestsave.BestSaver` option, plus:
+
+    Args:
+        save_weights_only: Kept files hold the model's ``state_dict`` alone; ``last`` still holds
+            the full training state. By default kept files hold the full state too, so that
+            ``last`` can be a hard link to the best instead of a second copy.
+        rank: This process's global rank; only rank 0 writes. Read from ``torch.distributed``
+            (or the ``RANK`` variable) when not given.
+        hparams: Hyperparameters recorded with every checkpoint.
+
+    A checkpoint file is ``torch.save`` of a dict: ``model``, ``optimizer`` and ``scheduler``
+    state dicts, ``epoch``, ``step`` and the torch RNG state, so it loads with
+    ``torch.load(weights_only=True)``.
+    """
+
+    extension = ".pth"
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        monitor: str,
+        mode: Literal["min", "max", "auto"] | str = "auto",
+        min_delta: float = 0.0,
+        top_k: int | None = None,
+        delta: float | None = None,
+        keep_every_n_epochs: int | None = None,
+        save_last: bool | Literal["link"] = False,
+        patience: int | None = None,
+        filename: str = DEFAULT_TEMPLATE,
+        resume: bool = False,
+        overwrite: bool = False,
+        trackers: Iterable[Any] = (),
+        *,
+        save_weights_only: bool = False,
+        rank: int | None = None,
+        hparams: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.rank = global_rank() if rank is None else int(rank)
+        self.save_weights_only = save_weights_only
+        self.saver = BestSaver(
+            dirpath,
+            monitor,
+            mode=mode,
+            min_delta=min_delta,
+            top_k=top_k,
+            delta=delta,
+            keep_every_n_epochs=keep_every_n_epochs,
+            save_last=save_last,
+            patience=patience,
+            filename=filename,
+            resume=resume,
+            overwrite=overwrite,
+            trackers=trackers,
+            extension=self.extension,
+            writer=self.rank == 0,
+            framework="torch",
+            hparams=hparams,
+            storage_options=storage_options,
+        )
+        self._storage_options = dict(storage_options or {})
+        self._objects: dict[str, Any] = {}
+        self._epoch = -1
+        self._step: int | None = None
+        self._previous_handler: Any = None
+
+    # -- what the saver knows -------------------------------------------------------------
+
+    @property
+    def best(self) -> Record | None:
+        return self.saver.best
+
+    @property
+    def kept(self) -> list[Record]:
+        return self.saver.kept
+
+    @property
+    def should_stop(self) -> bool:
+        return self.saver.should_stop
+
+    @property
+    def dirpath(self) -> str:
+        return self.saver.dirpath
+
+    # -- training ---------------------------------------------------------------------------
+
+    def _state(self, weights_only: bool) -> dict[str, Any]:
+        model = self._objects.get("model")
+        if model is None:
+            raise ValueError("pass model= to step() so there is something to save")
+        state: dict[str, Any] = {
+            "model": model.state_dict(),
+            "epoch": self._epoch,
+            "step": self._step,
+        }
+        if not weights_only:
+            for key in ("optimizer", "scheduler"):
+                if self._objects.get(key) is not None:
+                    state[key] = self._objects[key].state_dict()
+            state["rng"] = torch.get_rng_state()
+        return state
+
+    def _writer(self, weights_only: bool) -> Any:
+        def write(path: str) -> None:
+            torch.save(self._state(weights_only), path)
+
+        return write
+
+    def step(
+        self,
+        epoch: int,
+        metrics: Mapping[str, Any],
+        *,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        step: int | None = None,
+    ) -> Decision:
+        """Judge epoch ``epoch`` by ``metrics`` and keep its state if the policy says so."""
+        for key, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
+            if obj is not None:
+                self._objects[key] = obj
+        self._epoch, self._step = int(epoch), step
+        return self.saver.step(
+            epoch,
+            metrics,
+            write=self._writer(self.save_weights_only),
+            step=step,
+            write_last=self._writer(False) if self.save_weights_only else None,
+        )
+
+    def restore(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        *,
+        map_location: Any = "cpu",
+    ) -> int:
+        """Load the ``last`` checkpoint of a resumed run; returns the next epoch to run (0 when
+        there is nothing to resume)."""
+        self._objects.update(model=model, optimizer=optimizer, scheduler=scheduler)
+        last = self.saver.last
+        if last is None:
+            if self.saver.last_epoch is not None:
+                warnings.warn(
+                    f"the run in {self.dirpath} has no 'last' checkpoint to resume from "
+                    "(save_last=False); training restarts at epoch 0, its best is kept",
+                    BestSaveWarning,
+                    stacklevel=2,
+                )
+            return 0
+        state = self._load(last, map_location)
+        model.load_state_dict(state["model"])
+        if optimizer is not None and "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
+        return int(state["epoch"]) + 1
+
+    def _load(self, record: Record, map_location: Any) -> dict[str, Any]:
+        path = fetch(record, **self._storage_options)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError(f"{record.path} is not a TorchCheckpointer checkpoint")
+        return state
+
+    def load(
+        self, record: Record, model: torch.nn.Module | None = None, *, map_location: Any = "cpu"
+    ) -> dict[str, Any]:
+        """The checkpoint of ``record``, verified and loaded with ``weights_only=True``; its
+        weights are loaded into ``model`` when given."""
+        state = self._load(record, map_location)
+        if model is not None:
+            model.load_state_dict(state["model"])
+        return state
+
+    def load_best(self, model: torch.nn.Module, *, map_location: Any = "cpu") -> Record:
+        """Load the best epoch's weights into ``model``; returns its record."""
+        self.saver.close()
+        best = self.saver.best
+        if best is None and self.rank != 0:
+            best = load_manifest(self.dirpath, **self._storage_options).best
+        if best is None:
+            raise FileNotFoundError(f"no best checkpoint has been kept in {self.dirpath} yet")
+        self.load(best, model, map_location=map_location)
+        return best
+
+    def close(self) -> None:
+        """Wait for pending writes and tell trackers the best. Safe to call more than once."""
+        self.saver.close()
+
+    # -- exceptions and SIGTERM -----------------------------------------------------------------
+
+    def __enter__(self) -> TorchCheckpointer:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        raise Terminated("received SIGTERM")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+        try:
+            if exc_type is not None and "model" in self._objects:
+                self.saver.save_exception(
+                    max(self._epoch, 0),
+                    self._writer(False),
+                    step=self._step,
+                    metrics={"exception": f"{exc_type.__name__}: {exc}"},
+                )
+        finally:
+            self.close()

@@ -1,0 +1,33 @@
+"""bestsave: keep the best model while it trains, with everything that was true at its epoch.
+
+>>> from bestsave import BestSaver, Record, load_manifest, load_best
+"""
+
+from bestsave.manifest import ChecksumError, Manifest, fetch, load_best, load_manifest
+from bestsave.metrics import MissingMetricError
+from bestsave.monitor import Monitor, infer_mode
+from bestsave.policy import Policy, PolicyState, Verdict
+from bestsave.record import Record
+from bestsave.saver import BestSaver, Decision, RunExistsError, Staged
+from bestsave.tracker import BestSaveWarning, Tracker
+
+__all__ = [
+    "BestSaveWarning",
+    "BestSaver",
+    "ChecksumError",
+    "Decision",
+    "Manifest",
+    "MissingMetricError",
+    "Monitor",
+    "Policy",
+    "PolicyState",
+    "Record",
+    "RunExistsError",
+    "Staged",
+    "Tracker",
+    "Verdict",
+    "fetch",
+    "infer_mode",
+    "load_best",
+    "load_manifest",
+]

@@ -1,0 +1,189 @@
+"""The manifest, ``bestsave.json``: the one file that says what a directory holds.
+
+It is the commit point of every save. A checkpoint exists for bestsave once the manifest lists
+it; files are renamed into place after the manifest that names them is durable, and evicted files
+are deleted after the manifest that no longer names them is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from bestsave.naming import MANIFEST
+from bestsave.record import Record, join
+from bestsave.store import Store, file_digest, open_store
+
+FORMAT = 1
+
+
+@dataclass
+class Manifest:
+    """What a run's directory holds. Read it with :func:`load_manifest`.
+
+    >>> import tempfile
+    >>> from bestsave import BestSaver, load_manifest
+    >>> d = tempfile.mkdtemp()
+    >>> saver = BestSaver(d, monitor="val_acc")
+    >>> _ = saver.step(0, {"val_acc": 0.5}, write=lambda p: open(p, "w").write("weights"))
+    >>> m = load_manifest(d)
+    >>> m.monitor, m.mode, m.best.epoch, len(m.kept)
+    ('val_acc', 'max', 0, 1)
+    """
+
+    dirpath: str
+    run: dict[str, Any]
+    monitor: str
+    mode: str
+    policy: dict[str, Any]
+    kept: list[Record] = field(default_factory=list)
+    """Records kept now, best first (ranked by score; periodic and exception ones after)."""
+    best_name: str | None = None
+    last: Record | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    pending: dict[str, str] = field(default_factory=dict)
+    """Files committed by this manifest that may still sit under their temporary names."""
+    evicting: list[str] = field(default_factory=list)
+    """Files this manifest no longer lists that may not be deleted yet."""
+    format: int = FORMAT
+
+    @property
+    def best(self) -> Record | None:
+        """The best checkpoint's record, or None when nothing is kept for its score."""
+        names = {self.best_name, self.pending.get(self.best_name or "")}
+        return next((r for r in self.kept if r.name in names), None)
+
+    def to_json(self) -> str:
+        data = {
+            "format": self.format,
+            "run": self.run,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "policy": self.policy,
+            "best": self.best_name,
+            "kept": [r.to_dict() for r in self.kept],
+            "last": self.last.to_dict() if self.last else None,
+            "state": self.state,
+            "pending": self.pending,
+            "evicting": self.evicting,
+        }
+        return json.dumps(data, indent=1, default=str, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, dirpath: str) -> Manifest:
+        data = json.loads(text)
+        if data.get("format", 0) > FORMAT:
+            raise ValueError(
+                f"{join(dirpath, MANIFEST)} was written by a newer bestsave "
+                f"(format {data['format']}); upgrade bestsave to read it"
+            )
+        last = data.get("last")
+        return cls(
+            dirpath=dirpath,
+            run=data.get("run", {}),
+            monitor=data["monitor"],
+            mode=data["mode"],
+            policy=data.get("policy", {}),
+            kept=[Record.from_dict(r, dirpath) for r in data.get("kept", [])],
+            best_name=data.get("best"),
+            last=Record.from_dict(last, dirpath) if last else None,
+            state=data.get("state", {}),
+            pending=data.get("pending", {}),
+            evicting=data.get("evicting", []),
+            format=data.get("format", FORMAT),
+        )
+
+
+def read_manifest(store: Store) -> Manifest | None:
+    """The manifest in ``store``, or None when there is none."""
+    text = store.read_text(MANIFEST)
+    if text is None:
+        return None
+    try:
+        return Manifest.from_json(text, store.url)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{join(store.url, MANIFEST)} is not a readable bestsave manifest ({e}); "
+            "move it away to start a new run there"
+        ) from None
+
+
+def _dirpath(dirpath: str | os.PathLike[str]) -> str:
+    return os.fspath(dirpath)
+
+
+def load_manifest(dirpath: str | os.PathLike[str], **storage_options: Any) -> Manifest:
+    """The manifest of the run in ``dirpath`` (a local path or an fsspec URL).
+
+    Record paths are loadable: ``dirpath`` joined with the file name. A file committed by the
+    manifest but not yet renamed into place (a crash in between) is named by its temporary path.
+    """
+    store = open_store(_dirpath(dirpath), **storage_options)
+    manifest = read_manifest(store)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"no bestsave run in {store.url}: it has no {MANIFEST}. "
+            "Pass the directory given to the saver (dirpath)."
+        )
+
+    def located(record: Record) -> Record:
+        tmp = manifest.pending.get(record.name)
+        if tmp and not store.exists(record.name) and store.exists(tmp):
+            return replace(record, path=join(store.url, tmp))
+        return record
+
+    manifest.kept = [located(r) for r in manifest.kept]
+    if manifest.last:
+        manifest.last = located(manifest.last)
+    return manifest
+
+
+class ChecksumError(ValueError):
+    """A checkpoint's bytes differ from what its record says: it was changed or truncated."""
+
+
+def fetch(record: Record, **storage_options: Any) -> str:
+    """A local path to ``record``'s file, checked against the record's size and sha256.
+
+    Remote files are downloaded first. A mismatch raises :class:`ChecksumError` naming the file.
+    """
+    dirpath, _, name = record.path.replace("\\", "/").rpartition("/")
+    store = open_store(dirpath or ".", **storage_options)
+    if not store.exists(name):
+        raise FileNotFoundError(
+            f"{record.path} is missing; run 'bestsave verify {dirpath or '.'}' to check the run"
+        )
+    local = store.local_file(name)
+    if record.sha256:
+        size, sha = file_digest(local)
+        if (size, sha) != (record.bytes, record.sha256):
+            raise ChecksumError(
+                f"{record.path} does not match its record (sha256 {sha[:12]}... != "
+                f"{record.sha256[:12]}..., {size} vs {record.bytes} bytes): it was modified or "
+                "truncated after it was saved; load another kept checkpoint instead"
+            )
+    return local
+
+
+def load_best(dirpath: str | os.PathLike[str], **storage_options: Any) -> Record:
+    """The best checkpoint's record in ``dirpath``; ``.path`` is the file to load.
+
+    >>> import tempfile
+    >>> from bestsave import BestSaver, load_best
+    >>> d = tempfile.mkdtemp()
+    >>> saver = BestSaver(d, monitor="val_loss")
+    >>> for epoch, loss in enumerate([0.9, 0.4, 0.6]):
+    ...     _ = saver.step(epoch, {"val_loss": loss}, write=lambda p: open(p, "w").write("w"))
+    >>> load_best(d).epoch
+    1
+    """
+    manifest = load_manifest(dirpath, **storage_options)
+    best = manifest.best
+    if best is None:
+        raise FileNotFoundError(
+            f"the run in {manifest.dirpath} has kept no best checkpoint yet "
+            f"(no valid {manifest.monitor!r} score, or top_k=0)"
+        )
+    return best

@@ -1,0 +1,66 @@
+"""Record: what is known about one kept checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Record:
+    """One kept checkpoint and everything that was true at the evaluation that produced it.
+
+    In memory ``path`` is the file to load (the directory joined with the file name); on disk,
+    in the manifest and the sidecar, it is the file name alone, so a directory can be moved.
+
+    >>> r = Record(path="runs/a/epoch=001.pt", kind="best", epoch=1, step=10, monitor="val_acc",
+    ...            mode="max", score=0.9, metrics={"val_acc": 0.9, "train_loss": 0.3})
+    >>> r.name, r.metrics["train_loss"]
+    ('epoch=001.pt', 0.3)
+    """
+
+    path: str
+    kind: str
+    """Why it was kept: best, top_k, ensemble, periodic, last or exception."""
+    epoch: int
+    step: int | None
+    monitor: str
+    mode: str
+    score: float | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Every metric logged at that evaluation, train and validation."""
+    time: str = ""
+    """UTC time of the evaluation, ISO-8601."""
+    elapsed_s: float = 0.0
+    """Seconds since the run started."""
+    bytes: int = 0
+    sha256: str = ""
+    run: dict[str, Any] = field(default_factory=dict)
+    """Run info: id, host, framework and versions, git commit and dirty flag, hyperparameters."""
+    id: int = -1
+    """Index of the evaluation that produced it, counted from the run's first."""
+
+    @property
+    def name(self) -> str:
+        """The file name, relative to the checkpoint directory."""
+        return self.path.replace("\\", "/").rsplit("/", 1)[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as stored: ``path`` is the file name alone."""
+        data = asdict(self)
+        data["path"] = self.name
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], dirpath: str | None = None) -> Record:
+        """A record read from a manifest or sidecar; ``dirpath`` makes ``path`` loadable."""
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        record = cls(**known)
+        if dirpath is not None:
+            record = replace(record, path=join(dirpath, record.name))
+        return record
+
+
+def join(dirpath: str, name: str) -> str:
+    """``dirpath`` and a file name, for local paths and URLs alike."""
+    return dirpath.rstrip("/") + "/" + name if dirpath else name

@@ -1,0 +1,125 @@
+"""Snapshots of training state in host memory, into buffers reused from one save to the next.
+
+A background write must not read tensors that training keeps changing, so the training thread
+copies them first. A fresh ``clone()`` pays for page faults on every save; a copy into memory
+allocated at the first save costs only memory bandwidth. Two buffer sets alternate so a
+snapshot never overwrites the one a write in flight is still reading.
+
+torch is imported when a snapshot is taken, never at module import.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+class Stager:
+    """Copies nested state (dicts, lists, tuples of tensors and plain values) into host buffers.
+
+    >>> import torch
+    >>> stager = Stager()
+    >>> w = torch.ones(3)
+    >>> snap = stager.snapshot({"model": {"w": w}, "epoch": 2})
+    >>> _ = w.add_(1)
+    >>> snap.state["model"]["w"].tolist(), snap.state["epoch"]
+    ([1.0, 1.0, 1.0], 2)
+    >>> snap.release()
+    """
+
+    def __init__(self, slots: int = 2) -> None:
+        self._slots: list[dict[tuple[Any, ...], Any]] = [{} for _ in range(slots)]
+        self._busy = [threading.Event() for _ in range(slots)]
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def snapshot(self, state: Any) -> Snapshot:
+        """A copy of ``state`` whose tensors live in this stager's host buffers.
+
+        The buffers stay reserved until :meth:`Snapshot.release` (the saver calls it once the
+        snapshot is written or dropped).
+        """
+        slot = self._take_slot()
+        self._busy[slot].set()
+        sync = _Sync()
+        try:
+            value = self._copy(state, (), self._slots[slot], sync)
+            sync.wait()
+        except BaseException:
+            self._busy[slot].clear()
+            raise
+        return Snapshot(value, self._busy[slot].clear)
+
+    def _take_slot(self) -> int:
+        with self._lock:
+            for _ in range(len(self._slots)):
+                slot = self._next
+                self._next = (self._next + 1) % len(self._slots)
+                if not self._busy[slot].is_set():
+                    return slot
+            # Every slot is being written: a fresh one (freed with the snapshot) keeps going.
+            self._slots.append({})
+            self._busy.append(threading.Event())
+            return len(self._slots) - 1
+
+    def _copy(
+        self, obj: Any, path: tuple[Any, ...], buffers: dict[tuple[Any, ...], Any], sync: _Sync
+    ) -> Any:
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            return self._copy_tensor(obj, path, buffers, sync)
+        if isinstance(obj, dict):
+            out = type(obj)() if type(obj) is not dict else {}
+            for k, v in obj.items():
+                out[k] = self._copy(v, (*path, k), buffers, sync)
+            return out
+        if isinstance(obj, (list, tuple)):
+            items = [self._copy(v, (*path, i), buffers, sync) for i, v in enumerate(obj)]
+            if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+                return type(obj)(*items)
+            return type(obj)(items)
+        return obj
+
+    def _copy_tensor(
+        self, t: Any, path: tuple[Any, ...], buffers: dict[tuple[Any, ...], Any], sync: _Sync
+    ) -> Any:
+        import torch
+
+        if t.layout != torch.strided:
+            return t.detach().to("cpu", copy=True)
+        buf = buffers.get(path)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            pin = t.device.type == "cuda"
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+            buffers[path] = buf
+        with torch.no_grad():
+            buf.copy_(t.detach(), non_blocking=t.device.type == "cuda")
+        if t.device.type == "cuda":
+            sync.cuda = True
+        return buf
+
+
+class Snapshot:
+    """Captured state, and the release of the buffers that hold it."""
+
+    def __init__(self, state: Any, release: Callable[[], None]) -> None:
+        self.state = state
+        self._release = release
+
+    def release(self) -> None:
+        self._release()
+
+
+class _Sync:
+    """Waits once for all non-blocking device-to-host copies of one snapshot."""
+
+    def __init__(self) -> None:
+        self.cuda = False
+
+    def wait(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()

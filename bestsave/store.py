@@ -1,0 +1,280 @@
+"""Where files live: a local directory, or any fsspec URL (``s3://bucket/run``, ``memory://x``).
+
+A store knows nothing of checkpoints; it offers the few operations the saver's commit protocol
+needs, each atomic where the medium allows: a new file is written under a temporary name with the
+reserved prefix, made durable, and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+TMP_PREFIX = ".bestsave-tmp-"
+
+
+def file_digest(path: str | os.PathLike[str]) -> tuple[int, str]:
+    """Size in bytes and sha256 of a local file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def tmp_name(name: str) -> str:
+    """A fresh temporary name for ``name``: reserved prefix, so a crash leaves only those."""
+    return f"{TMP_PREFIX}{secrets.token_hex(4)}-{name}"
+
+
+class Store(Protocol):
+    """The operations the saver needs from a directory. Names are relative to it."""
+
+    url: str
+    is_local: bool
+
+    def scratch(self, name: str) -> str:
+        """A local path where a writer may write the file that will become ``name``."""
+
+    def publish(self, local: str, name: str) -> None:
+        """Make the file written at ``local`` (from :meth:`scratch`) durable as ``name``."""
+
+    def rename(self, src: str, dst: str) -> None: ...
+    def link(self, src: str, dst: str) -> None:
+        """``dst`` holds the bytes of ``src``: a hard link where possible, else a copy."""
+
+    def delete(self, name: str) -> None:
+        """Remove ``name``; a missing file is not an error."""
+
+    def exists(self, name: str) -> bool: ...
+    def names(self) -> list[str]:
+        """The file names in the directory (an absent directory has none)."""
+
+    def read_text(self, name: str) -> str | None:
+        """The file's text, or None when it does not exist."""
+
+    def write_text(self, name: str, text: str) -> None:
+        """Replace ``name`` atomically with ``text``."""
+
+    def append_text(self, name: str, text: str) -> int:
+        """Append ``text`` durably; returns the file's new size in bytes."""
+
+    def truncate(self, name: str, size: int) -> None: ...
+    def digest(self, name: str) -> tuple[int, str]:
+        """Size and sha256 of a stored file."""
+
+    def local_file(self, name: str) -> str:
+        """A local path holding the file's bytes, for loading."""
+
+    def sync(self) -> None:
+        """Make renames and deletions durable."""
+
+
+def open_store(url: str | os.PathLike[str], **storage_options: Any) -> Store:
+    """The store for a local path, a ``file://`` URL or any fsspec URL."""
+    text = os.fspath(url)
+    if "://" not in text:
+        return LocalStore(text)
+    if text.startswith("file://"):
+        return LocalStore(text[len("file://") :])
+    return FsspecStore(text, **storage_options)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+class LocalStore:
+    """A directory on a local (or locally mounted) filesystem."""
+
+    is_local = True
+
+    def __init__(self, path: str) -> None:
+        self.url = os.path.abspath(os.path.expanduser(path))
+        self._made = False
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.url, name)
+
+    def _ensure_dir(self) -> None:
+        if not self._made:
+            os.makedirs(self.url, exist_ok=True)
+            self._made = True
+
+    def scratch(self, name: str) -> str:
+        self._ensure_dir()
+        return self._path(name)
+
+    def publish(self, local: str, name: str) -> None:
+        if os.path.abspath(local) != self._path(name):
+            os.replace(local, self._path(name))
+        fsync_file(self._path(name))
+
+    def rename(self, src: str, dst: str) -> None:
+        os.replace(self._path(src), self._path(dst))
+
+    def link(self, src: str, dst: str) -> None:
+        target = self._path(dst)
+        if os.path.lexists(target):
+            os.unlink(target)
+        try:
+            os.link(self._path(src), target)
+        except OSError:  # filesystems without hard links get a copy
+            shutil.copyfile(self._path(src), target)
+            fsync_file(target)
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(name))
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(self._path(name))
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(self.url) if not e.is_dir())
+        except FileNotFoundError:
+            return []
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            return Path(self._path(name)).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str) -> None:
+        self._ensure_dir()
+        tmp = self._path(tmp_name(name))
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path(name))
+        _fsync_dir(self.url)
+
+    def append_text(self, name: str, text: str) -> int:
+        self._ensure_dir()
+        with open(self._path(name), "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+            return f.tell()
+
+    def truncate(self, name: str, size: int) -> None:
+        if os.path.exists(self._path(name)) and os.path.getsize(self._path(name)) > size:
+            os.truncate(self._path(name), size)
+
+    def digest(self, name: str) -> tuple[int, str]:
+        return file_digest(self._path(name))
+
+    def local_file(self, name: str) -> str:
+        return self._path(name)
+
+    def sync(self) -> None:
+        """Make renames and deletions in the directory durable."""
+        _fsync_dir(self.url)
+
+
+class FsspecStore:
+    """A directory behind any fsspec filesystem (S3 through s3fs, ``memory://`` in tests).
+
+    Object stores have no rename or append: a rename is a copy then a delete, an append rewrites
+    the file. Each object appears whole or not at all, so a reader never sees half a file.
+    """
+
+    is_local = False
+
+    def __init__(self, url: str, **storage_options: Any) -> None:
+        import fsspec  # only remote users need it
+
+        self.url = url.rstrip("/")
+        self.fs, self._root = fsspec.core.url_to_fs(self.url, **storage_options)
+        self._scratch_dir = tempfile.mkdtemp(prefix="bestsave-")
+
+    def _path(self, name: str) -> str:
+        return f"{self._root}/{name}"
+
+    def scratch(self, name: str) -> str:
+        return os.path.join(self._scratch_dir, tmp_name(name))
+
+    def publish(self, local: str, name: str) -> None:
+        try:
+            self.fs.put_file(local, self._path(name))
+        finally:
+            os.unlink(local)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.fs.mv(self._path(src), self._path(dst))
+
+    def link(self, src: str, dst: str) -> None:
+        self.fs.copy(self._path(src), self._path(dst))
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._path(name))
+
+    def exists(self, name: str) -> bool:
+        return bool(self.fs.exists(self._path(name)))
+
+    def names(self) -> list[str]:
+        self.fs.invalidate_cache(self._root)
+        try:
+            entries = self.fs.ls(self._root, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "file"
+        )
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            with self.fs.open(self._path(name), "rb") as f:
+                return f.read().decode("utf-8")
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str) -> None:
+        self.fs.pipe_file(self._path(name), text.encode("utf-8"))
+
+    def append_text(self, name: str, text: str) -> int:
+        data = (self.read_text(name) or "") + text
+        self.write_text(name, data)
+        return len(data.encode("utf-8"))
+
+    def truncate(self, name: str, size: int) -> None:
+        text = self.read_text(name)
+        if text is not None and len(text.encode("utf-8")) > size:
+            self.write_text(name, text.encode("utf-8")[:size].decode("utf-8", "ignore"))
+
+    def digest(self, name: str) -> tuple[int, str]:
+        return file_digest(self.local_file(name))
+
+    def local_file(self, name: str) -> str:
+        local = os.path.join(self._scratch_dir, "cache-" + name)
+        self.fs.get_file(self._path(name), local)
+        return local
+
+    def sync(self) -> None:
+        """Object stores are durable once a write returns."""

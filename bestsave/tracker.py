@@ -1,0 +1,41 @@
+"""Trackers: experiment trackers told about kept checkpoints, after the files are committed."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from bestsave.record import Record
+
+
+class BestSaveWarning(UserWarning):
+    """A problem that bestsave works around, told once per run."""
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """Anything with these three methods can follow a saver (``trackers=[obj]``)."""
+
+    def on_save(self, record: Record, path: str) -> None:
+        """A checkpoint was kept; ``path`` is its file."""
+
+    def on_evict(self, record: Record) -> None:
+        """A kept checkpoint was deleted."""
+
+    def on_end(self, best: Record | None) -> None:
+        """Training ended; ``best`` is the best checkpoint's record."""
+
+
+def notify(trackers: Iterable[Any], method: str, *args: Any) -> None:
+    """Call ``method`` on every tracker; a tracker's failure is a warning, never a lost file."""
+    for tracker in trackers:
+        try:
+            getattr(tracker, method)(*args)
+        except Exception as e:
+            warnings.warn(
+                f"tracker {type(tracker).__name__}.{method} failed ({type(e).__name__}: {e}); "
+                "the checkpoint on disk is unaffected",
+                BestSaveWarning,
+                stacklevel=3,
+            )

@@ -1,0 +1,201 @@
+"""TorchCheckpointer with real training: the best file holds the best epoch's weights."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bestsave.adapters.torch import TorchCheckpointer
+
+from bestsave import load_best, load_manifest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+
+def test_example_best_file_holds_the_best_epochs_weights_and_metrics(tmp_path):
+    import torch_imbalanced_auroc as example
+
+    captured = {}
+
+    def on_epoch(epoch, model, metrics):
+        captured[epoch] = ({k: v.clone() for k, v in model.state_dict().items()}, dict(metrics))
+
+    ckpt = example.train(str(tmp_path), epochs=6, on_epoch=on_epoch)
+    best = load_best(tmp_path)
+    scores = {e: m["val_auroc"] for e, (_, m) in captured.items()}
+    assert best.epoch == max(scores, key=scores.get)
+    assert len(ckpt.kept) == 3
+    weights, metrics = captured[best.epoch]
+    assert best.metrics == pytest.approx(metrics)
+    model = example.make_model()
+    ckpt.load_best(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert best.run["framework"] == "torch" and best.run["hparams"]["hidden"] == 64
+    assert "torch" in best.run["versions"]
+
+
+def tiny_setup():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    return model, optimizer, scheduler
+
+
+def train_epoch(model, optimizer, scheduler):
+    optimizer.zero_grad()
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def test_restore_brings_back_model_optimizer_scheduler_and_epoch(tmp_path):
+    model, optimizer, scheduler = tiny_setup()
+    ckpt = TorchCheckpointer(tmp_path, monitor="val_loss", save_last=True)
+    for epoch, loss in enumerate([0.5, 0.4, 0.6]):
+        train_epoch(model, optimizer, scheduler)
+        ckpt.step(epoch, {"val_loss": loss}, model=model, optimizer=optimizer, scheduler=scheduler)
+    ckpt.close()
+
+    model2, optimizer2, scheduler2 = tiny_setup()
+    resumed = TorchCheckpointer(tmp_path, monitor="val_loss", save_last=True, resume=True)
+    assert resumed.restore(model2, optimizer2, scheduler2) == 3
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert optimizer2.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()
+    assert resumed.best.epoch == 1
+
+
+def test_restore_on_a_new_directory_starts_at_zero(tmp_path):
+    model, optimizer, _ = tiny_setup()
+    ckpt = TorchCheckpointer(tmp_path / "fresh", monitor="val_loss", resume=True)
+    assert ckpt.restore(model, optimizer) == 0
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from bestsave.adapters.torch import TorchCheckpointer
+    dirpath, scores = sys.argv[1], [float(s) for s in sys.argv[2].split(",")]
+    torch.manual_seed(len(scores))
+    model = torch.nn.Linear(3, 1)
+    ckpt = TorchCheckpointer(dirpath, monitor="val_acc", save_last=True, resume=True)
+    start = ckpt.restore(model)
+    for epoch in range(start, start + len(scores)):
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        ckpt.step(epoch, {"val_acc": scores[epoch - start]}, model=model)
+    ckpt.close()
+    print(start, ckpt.best.epoch)
+    """
+)
+
+
+def test_resume_in_a_new_process_never_replaces_a_better_best(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(RESUME_SCRIPT)
+    run_dir = tmp_path / "run"
+
+    def run(scores):
+        out = subprocess.run(
+            [sys.executable, str(script), str(run_dir), scores],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.split()
+
+    assert run("0.5,0.9,0.7") == ["0", "1"]
+    assert run("0.6,0.8") == ["3", "1"]  # resumed at epoch 3; worse scores keep epoch 1
+    best = load_best(run_dir)
+    assert best.epoch == 1 and best.score == 0.9
+    weights = torch.load(best.path, weights_only=True)["model"]["weight"]
+    assert torch.all(weights == 1.0)
+    assert len(load_manifest(run_dir).kept) == 1
+
+
+def test_exception_inside_the_context_keeps_an_exception_checkpoint(tmp_path):
+    model, optimizer, _ = tiny_setup()
+    ckpt = TorchCheckpointer(tmp_path, monitor="val_loss")
+    with pytest.raises(KeyboardInterrupt), ckpt:
+        ckpt.step(0, {"val_loss": 0.5}, model=model, optimizer=optimizer)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        raise KeyboardInterrupt
+    record = next(r for r in load_manifest(tmp_path).kept if r.kind == "exception")
+    state = torch.load(record.path, weights_only=True)
+    assert torch.equal(state["model"]["weight"], model.weight.detach())
+    assert "optimizer" in state and record.metrics["exception"].startswith("KeyboardInterrupt")
+
+
+SIGTERM_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    from bestsave.adapters.torch import TorchCheckpointer
+    model = torch.nn.Linear(3, 1)
+    with TorchCheckpointer(sys.argv[1], monitor="val_loss") as ckpt:
+        ckpt.step(0, {"val_loss": 1.0}, model=model)
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pause()
+    """
+)
+
+
+def test_sigterm_keeps_an_exception_checkpoint(tmp_path):
+    script = tmp_path / "term.py"
+    script.write_text(SIGTERM_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and "Terminated" in out.stderr
+    kinds = [r.kind for r in load_manifest(tmp_path / "run").kept]
+    assert kinds == ["best", "exception"]
+
+
+def test_only_rank_zero_writes(tmp_path):
+    model, _, _ = tiny_setup()
+    other = TorchCheckpointer(tmp_path / "r1", monitor="val_loss", rank=1)
+    decision = other.step(0, {"val_loss": 0.5}, model=model)
+    assert decision.is_best and decision.saved
+    assert not (tmp_path / "r1").exists()
+
+
+def test_weights_only_kept_files_and_full_last(tmp_path):
+    model, optimizer, _ = tiny_setup()
+    ckpt = TorchCheckpointer(tmp_path, monitor="val_loss", save_last=True, save_weights_only=True)
+    ckpt.step(0, {"val_loss": 0.5}, model=model, optimizer=optimizer)
+    assert set(torch.load(ckpt.best.path, weights_only=True)) == {"model", "epoch", "step"}
+    assert "optimizer" in torch.load(tmp_path / "last.pth", weights_only=True)
+
+
+def test_load_detects_a_tampered_file(tmp_path):
+    from bestsave import ChecksumError
+
+    model, _, _ = tiny_setup()
+    ckpt = TorchCheckpointer(tmp_path, monitor="val_loss")
+    ckpt.step(0, {"val_loss": 0.5}, model=model)
+    with open(ckpt.best.path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(ChecksumError, match="modified or truncated"):
+        ckpt.load_best(model)
+
+
+def test_sigterm_handler_is_restored_after_the_context(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with TorchCheckpointer(tmp_path, monitor="val_loss"):
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -1,0 +1,381 @@
+"""BestSaver end to end on the file system, with no framework: files, manifest, history, resume."""
+
+import json
+import os
+import warnings
+
+import pytest
+
+from bestsave import (
+    BestSaver,
+    BestSaveWarning,
+    MissingMetricError,
+    RunExistsError,
+    load_best,
+    load_manifest,
+)
+from bestsave.store import TMP_PREFIX
+
+pytestmark = pytest.mark.core
+
+
+def writer(content):
+    def write(path):
+        with open(path, "w") as f:
+            f.write(content)
+
+    return write
+
+
+def drive(saver, scores, monitor="val_acc", start=0, **extra):
+    decisions = []
+    for epoch, score in enumerate(scores, start=start):
+        metrics = {monitor: score, "train_loss": 1.0 / (epoch + 1), **extra}
+        decisions.append(
+            saver.step(epoch, metrics, write=writer(f"epoch {epoch}"), step=10 * epoch)
+        )
+    return decisions
+
+
+def files(d):
+    return sorted(os.listdir(d))
+
+
+def test_keeps_best_with_sidecar_manifest_and_history(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc", extension=".pt")
+    decisions = drive(saver, [0.5, 0.7, 0.6])
+    assert [d.is_best for d in decisions] == [True, True, False]
+    assert decisions[1].evicted[0].epoch == 0
+    assert files(tmp_path) == [
+        "bestsave.json",
+        "epoch=001-val_acc=0.7000.json",
+        "epoch=001-val_acc=0.7000.pt",
+        "history.jsonl",
+    ]
+    best = load_best(tmp_path)
+    assert best.epoch == 1 and best.step == 10 and best.score == 0.7
+    assert best.metrics == {"val_acc": 0.7, "train_loss": 0.5}
+    assert open(best.path).read() == "epoch 1"
+    assert best.bytes == 7 and len(best.sha256) == 64
+    assert best.time.endswith("+00:00") and best.elapsed_s >= 0
+    assert best.run["host"] and best.run["versions"]["python"]
+    sidecar = json.loads((tmp_path / "epoch=001-val_acc=0.7000.json").read_text())
+    assert sidecar["path"] == "epoch=001-val_acc=0.7000.pt" and sidecar["epoch"] == 1
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[1]["decision"] == {
+        "saved": True,
+        "is_best": True,
+        "kind": ["best"],
+        "files": ["epoch=001-val_acc=0.7000.pt"],
+        "evicted": ["epoch=000-val_acc=0.5000.pt"],
+    }
+    assert history[2]["metrics"]["train_loss"] == pytest.approx(1 / 3)
+    manifest = load_manifest(tmp_path)
+    assert (manifest.monitor, manifest.mode, manifest.best.epoch) == ("val_acc", "max", 1)
+
+
+def test_top_k_kept_best_first_and_saver_best(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_loss", top_k=3)
+    drive(saver, [0.9, 0.5, 0.7, 0.6, 0.4, 0.8], monitor="val_loss")
+    assert [r.epoch for r in saver.kept] == [4, 1, 3]
+    assert saver.best.epoch == 4
+    assert [r.kind for r in saver.kept] == ["best", "best", "top_k"]
+    assert len([f for f in files(tmp_path) if f.startswith("epoch")]) == 6  # 3 files + 3 sidecars
+
+
+def test_invalid_scores_warn_once_and_are_never_kept(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc", top_k=-1)
+    with pytest.warns(BestSaveWarning) as caught:
+        drive(saver, [float("nan"), 0.5, float("nan"), "high", None, float("inf"), 0.6])
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 3  # nan, not a number, inf: once each
+    assert sorted(r.epoch for r in saver.kept) == [1, 6]
+    history = (tmp_path / "history.jsonl").read_text()
+    assert "NaN" not in history  # the files stay strict JSON
+
+
+def test_tensor_like_and_numpy_scores_are_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    saver = BestSaver(tmp_path, monitor="val_acc")
+    saver.step(0, {"val_acc": np.float32(0.5), "n": np.int64(3)}, write=writer("a"))
+    saver.step(1, {"val_acc": np.array([0.7])}, write=writer("b"))
+    assert saver.best.epoch == 1 and saver.best.score == pytest.approx(0.7)
+    assert load_manifest(tmp_path).kept[0].metrics["val_acc"] == pytest.approx(0.7)
+
+
+def test_missing_monitor_names_logged_keys_and_closest(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_loss")
+    with pytest.raises(MissingMetricError, match=r"did you mean 'val_loss_epoch'\?|Did you mean"):
+        saver.step(0, {"val_loss_epoch": 0.3, "train_loss": 0.2}, write=writer("x"))
+    with pytest.raises(KeyError):
+        saver.step(0, {}, write=writer("x"))
+
+
+def test_template_with_any_metric_and_slashes_is_sanitised(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val/loss", filename="{epoch}-{val/loss:.2f}-{lr:.0e}")
+    saver.step(3, {"val/loss": 0.123, "lr": 0.001}, write=writer("x"))
+    assert saver.best.name == "3-0.12-1e-03"
+    saver2 = BestSaver(tmp_path / "b", monitor="val/loss")
+    saver2.step(0, {"val/loss": 0.5}, write=writer("x"))
+    assert saver2.best.name == "epoch=000-val_loss=0.5000"
+    assert not any(p.is_dir() for p in (tmp_path / "b").iterdir())
+
+
+def test_template_errors(tmp_path):
+    with pytest.raises(ValueError, match="path separator"):
+        BestSaver(tmp_path, monitor="val_acc", filename="../{epoch}")
+    saver = BestSaver(tmp_path, monitor="val_acc", filename="{epoch}-{val_f1:.2f}")
+    with pytest.raises(KeyError, match=r"val_f1.*'train_loss', 'val_acc'"):
+        saver.step(0, {"val_acc": 0.5, "train_loss": 1.0}, write=writer("x"))
+
+
+def test_colliding_names_get_versions(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc", top_k=-1, filename="same")
+    drive(saver, [0.1, 0.2, 0.3])
+    assert sorted(r.name for r in saver.kept) == ["same", "same-v1", "same-v2"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mode": "up"}, "mode"),
+        ({"top_k": -5}, "top_k"),
+        ({"delta": -1}, "delta"),
+        ({"patience": 0}, "patience"),
+        ({"min_delta": -0.1}, "min_delta"),
+        ({"keep_every_n_epochs": 0}, "keep_every_n_epochs"),
+        ({"save_last": "yes"}, "save_last"),
+        ({"monitor": "val_thing"}, "mode='min' or mode='max'"),
+    ],
+)
+def test_bad_options_are_value_errors_naming_the_fix(tmp_path, kwargs, match):
+    options = {"monitor": "val_acc", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        BestSaver(tmp_path, **options)
+
+
+def test_periodic_keeps_its_own_hard_link_and_survives_eviction(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc", keep_every_n_epochs=2)
+    decisions = drive(saver, [0.5, 0.6])
+    assert [r.kind for r in decisions[1].records] == ["best", "periodic"]
+    best, periodic = decisions[1].records
+    assert os.stat(best.path).st_ino == os.stat(periodic.path).st_ino
+    assert periodic.name == "epoch=001-val_acc=0.6000-periodic"
+    drive(saver, [0.7, 0.8], start=2)
+    # epoch 1's best file was evicted by epoch 2; its periodic twin stays
+    assert os.path.exists(periodic.path) and not os.path.exists(best.path)
+    assert sorted((r.kind, r.epoch) for r in saver.kept) == [
+        ("best", 3),
+        ("periodic", 1),
+        ("periodic", 3),
+    ]
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_last_is_a_hard_link_to_the_kept_file_of_the_same_epoch(tmp_path, save_last):
+    saver = BestSaver(tmp_path, monitor="val_acc", save_last=save_last, extension=".pt")
+    drive(saver, [0.5, 0.7])
+    last = tmp_path / "last.pt"
+    assert os.stat(last).st_ino == os.stat(saver.best.path).st_ino
+    drive(saver, [0.6], start=2)  # not kept: last is written on its own
+    assert last.read_text() == "epoch 2"
+    assert open(saver.best.path).read() == "epoch 1"
+    assert load_manifest(tmp_path).last.epoch == 2
+
+
+def test_write_last_gives_last_its_own_content(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc", save_last=True)
+    saver.step(0, {"val_acc": 0.5}, write=writer("weights"), write_last=writer("full state"))
+    assert open(saver.best.path).read() == "weights"
+    assert (tmp_path / "last").read_text() == "full state"
+
+
+def test_top_k_zero_writes_history_only(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc", top_k=0)
+    decisions = drive(saver, [0.5, 0.7])
+    assert decisions[1].is_best and not decisions[1].saved and saver.best is None
+    assert files(tmp_path) == ["bestsave.json", "history.jsonl"]
+
+
+def test_patience_sets_should_stop(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_loss", patience=2)
+    decisions = drive(saver, [0.5, 0.6, 0.4, 0.45, 0.5], monitor="val_loss")
+    assert [d.should_stop for d in decisions] == [False, False, False, False, True]
+    assert saver.should_stop
+
+
+def test_another_runs_directory_is_refused_then_resumed_or_overwritten(tmp_path):
+    first = BestSaver(tmp_path, monitor="val_acc")
+    drive(first, [0.5, 0.9])
+    (tmp_path / "notes.txt").write_text("user file")
+    with pytest.raises(
+        RunExistsError, match=r"epoch=001-val_acc=0.9000.*resume=True.*overwrite=True"
+    ):
+        BestSaver(tmp_path, monitor="val_acc")
+    fresh = BestSaver(tmp_path, monitor="val_acc", overwrite=True)
+    assert files(tmp_path) == ["notes.txt"]  # only the other run's files were deleted
+    drive(fresh, [0.1])
+    assert fresh.best.score == 0.1
+
+
+def test_resume_restores_best_kept_and_patience(tmp_path):
+    first = BestSaver(tmp_path, monitor="val_acc", top_k=2, patience=3)
+    drive(first, [0.5, 0.9, 0.8, 0.7])
+    resumed = BestSaver(tmp_path, monitor="val_acc", top_k=2, patience=3, resume=True)
+    assert resumed.best.epoch == 1 and [r.epoch for r in resumed.kept] == [1, 2]
+    assert resumed.evaluations == 4 and resumed.last_epoch == 3
+    d = drive(resumed, [0.6], start=4)[0]  # worse than both kept: nothing replaced
+    assert not d.saved and d.should_stop
+    assert load_best(tmp_path).epoch == 1
+    assert resumed.run["id"] == first.run["id"] and resumed.run["resumes"] == 1
+    history = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert len(history) == 5
+
+
+def test_resume_on_missing_or_empty_directory_starts_a_new_run(tmp_path):
+    saver = BestSaver(tmp_path / "new", monitor="val_acc", resume=True)
+    assert saver.best is None and saver.evaluations == 0
+    drive(saver, [0.3])
+    assert load_best(tmp_path / "new").score == 0.3
+
+
+def test_resume_with_another_monitor_is_refused(tmp_path):
+    drive(BestSaver(tmp_path, monitor="val_acc"), [0.5])
+    with pytest.raises(ValueError, match="monitors 'val_acc'"):
+        BestSaver(tmp_path, monitor="val_loss", resume=True)
+
+
+def test_crash_leftovers_are_cleaned_and_committed_renames_rolled_forward(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc", save_last=True)
+    drive(saver, [0.5])
+    # A crash after the manifest committed epoch 1 but before its files were renamed:
+    pending_tmp = f"{TMP_PREFIX}abcd-epoch=001-val_acc=0.9000"
+    (tmp_path / pending_tmp).write_text("epoch 1")
+    manifest = json.loads((tmp_path / "bestsave.json").read_text())
+    record = dict(manifest["kept"][0], path="epoch=001-val_acc=0.9000", epoch=1, score=0.9, id=1)
+    manifest["kept"] = [record]
+    manifest["best"] = record["path"]
+    manifest["pending"] = {record["path"]: pending_tmp}
+    manifest["evicting"] = ["epoch=000-val_acc=0.5000", "epoch=000-val_acc=0.5000.json"]
+    (tmp_path / "bestsave.json").write_text(json.dumps(manifest))
+    (tmp_path / f"{TMP_PREFIX}dead-orphan").write_text("half a file")
+    assert load_best(tmp_path).path.endswith(pending_tmp)  # readable before recovery
+    BestSaver(tmp_path, monitor="val_acc", save_last=True, resume=True)
+    assert files(tmp_path) == [
+        "bestsave.json",
+        "epoch=001-val_acc=0.9000",
+        "epoch=001-val_acc=0.9000.json",
+        "history.jsonl",
+        "last",
+    ]
+    assert open(load_best(tmp_path).path).read() == "epoch 1"
+
+
+def test_history_is_truncated_to_the_committed_evaluations(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc")
+    drive(saver, [0.5, 0.6])
+    with open(tmp_path / "history.jsonl", "a") as f:
+        f.write('{"epoch": 2, "uncommitted": true}\n')
+    BestSaver(tmp_path, monitor="val_acc", resume=True)
+    assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 2
+
+
+def test_failed_write_leaves_previous_best_and_no_temp(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc")
+    drive(saver, [0.5])
+
+    def broken(path):
+        with open(path, "w") as f:
+            f.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        saver.step(1, {"val_acc": 0.9}, write=broken)
+    assert saver.best.epoch == 0 and load_best(tmp_path).epoch == 0
+    assert not [f for f in files(tmp_path) if f.startswith(TMP_PREFIX)]
+    assert saver.step(1, {"val_acc": 0.9}, write=writer("ok")).is_best  # nothing was recorded
+
+
+def test_trackers_are_called_after_commit_and_failures_warn(tmp_path):
+    events = []
+
+    class Recorder:
+        def on_save(self, record, path):
+            assert os.path.exists(path)
+            events.append(("save", record.epoch, record.kind))
+
+        def on_evict(self, record):
+            events.append(("evict", record.epoch))
+
+        def on_end(self, best):
+            events.append(("end", best.epoch))
+
+    class Broken:
+        def on_save(self, *args):
+            raise ConnectionError("tracker server unreachable")
+
+        on_evict = on_end = on_save
+
+    saver = BestSaver(tmp_path, monitor="val_acc", trackers=[Recorder(), Broken()])
+    with pytest.warns(BestSaveWarning, match="unreachable"):
+        drive(saver, [0.5, 0.6])
+    saver.close()
+    saver.close()  # once per distinct best
+    assert events == [("save", 0, "best"), ("evict", 0), ("save", 1, "best"), ("end", 1)]
+
+
+def test_exception_checkpoint_is_kept_outside_the_policy(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc")
+    drive(saver, [0.5])
+    record = saver.save_exception(1, writer("crash state"), metrics={"exception": "boom"})
+    assert record.kind == "exception" and record.name == "exception-epoch=001"
+    assert saver.best.epoch == 0
+    assert [r.kind for r in load_manifest(tmp_path).kept] == ["best", "exception"]
+
+
+def test_non_writer_decides_the_same_and_touches_nothing(tmp_path):
+    writer_saver = BestSaver(tmp_path / "w", monitor="val_acc", top_k=2)
+    reader = BestSaver(tmp_path / "r", monitor="val_acc", top_k=2, writer=False)
+    scores = [0.5, 0.7, 0.6, 0.8]
+    a, b = drive(writer_saver, scores), drive(reader, scores)
+    assert [(d.is_best, d.saved) for d in a] == [(d.is_best, d.saved) for d in b]
+    assert [r.name for r in writer_saver.kept] == [r.name for r in reader.kept]
+    assert not (tmp_path / "r").exists()
+
+
+def test_memory_filesystem_store():
+    pytest.importorskip("fsspec")
+    url = "memory://bestsave-test-run"
+    saver = BestSaver(url, monitor="val_loss", top_k=2, save_last=True, extension=".bin")
+    drive(saver, [0.9, 0.5, 0.7, 0.6], monitor="val_loss")
+    best = load_best(url)
+    assert best.epoch == 1 and best.path == f"{url}/epoch=001-val_loss=0.5000.bin"
+    from bestsave import fetch
+
+    assert open(fetch(best)).read() == "epoch 1"
+    resumed = BestSaver(url, monitor="val_loss", top_k=2, resume=True)
+    assert [r.epoch for r in resumed.kept] == [1, 3]
+
+
+def test_no_framework_is_imported_by_the_core():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, bestsave, bestsave.saver, bestsave.staging, bestsave.trackers;"
+        "bad = [m for m in ('torch','lightning','fastai','keras','wandb','mlflow','jax') "
+        "if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_warnings_are_not_repeated_after_resume(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc")
+    with pytest.warns(BestSaveWarning):
+        drive(saver, [float("nan")])
+    resumed = BestSaver(tmp_path, monitor="val_acc", resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drive(resumed, [float("nan")], start=1)
