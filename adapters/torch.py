@@ -27,8 +27,9 @@ from typing import Any, Literal
 
 import torch
 
-from bestsave import BestSaver, Decision, Record, fetch, load_manifest
+from bestsave import BestSaver, Decision, Record, Staged, fetch, load_manifest
 from bestsave.naming import DEFAULT_TEMPLATE
+from bestsave.staging import Stager
 from bestsave.tracker import BestSaveWarning
 
 __all__ = ["Terminated", "TorchCheckpointer"]
@@ -54,16 +55,18 @@ class TorchCheckpointer:
         save_weights_only: Kept files hold the model's ``state_dict`` alone; ``last`` still holds
             the full training state. By default kept files hold the full state too, so that
             ``last`` can be a hard link to the best instead of a second copy.
+        format: ``"torch"`` (``torch.save``, ``.pth``) or ``"safetensors"`` (kept files hold the
+            model's weights as ``.safetensors``; needs the ``safetensors`` package and no
+            ``save_last``, which holds more than tensors).
         rank: This process's global rank; only rank 0 writes. Read from ``torch.distributed``
             (or the ``RANK`` variable) when not given.
         hparams: Hyperparameters recorded with every checkpoint.
 
-    A checkpoint file is ``torch.save`` of a dict: ``model``, ``optimizer`` and ``scheduler``
-    state dicts, ``epoch``, ``step`` and the torch RNG state, so it loads with
-    ``torch.load(weights_only=True)``.
+    A ``torch`` checkpoint is ``torch.save`` of a dict: ``model``, ``optimizer`` and
+    ``scheduler`` state dicts, ``epoch``, ``step`` and the torch RNG state, so it loads with
+    ``torch.load(weights_only=True)``. Saving costs the loop one copy of that state into host
+    buffers reused from save to save; ``torch.save`` and the write run in the background.
     """
-
-    extension = ".pth"
 
     def __init__(
         self,
@@ -79,15 +82,30 @@ class TorchCheckpointer:
         filename: str = DEFAULT_TEMPLATE,
         resume: bool = False,
         overwrite: bool = False,
-        trackers: Iterable[Any] = (),
+        trackers: str | Iterable[Any] = "auto",
         *,
         save_weights_only: bool = False,
+        format: Literal["torch", "safetensors"] = "torch",
+        async_write: bool = True,
+        on_write_error: Literal["raise", "warn"] = "raise",
         rank: int | None = None,
         hparams: Mapping[str, Any] | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
+        if format not in ("torch", "safetensors"):
+            raise ValueError(f"format must be 'torch' or 'safetensors', not {format!r}")
+        if format == "safetensors":
+            import safetensors.torch  # noqa: F401 - fail here, not at the first save
+
+            if save_last:
+                raise ValueError(
+                    "save_last keeps the optimizer and loop state, which safetensors cannot "
+                    "hold: use format='torch' to resume, or save_last=False"
+                )
+        self.format = format
+        self.extension = ".safetensors" if format == "safetensors" else ".pth"
         self.rank = global_rank() if rank is None else int(rank)
-        self.save_weights_only = save_weights_only
+        self.save_weights_only = save_weights_only or format == "safetensors"
         self.saver = BestSaver(
             dirpath,
             monitor,
@@ -102,6 +120,8 @@ class TorchCheckpointer:
             resume=resume,
             overwrite=overwrite,
             trackers=trackers,
+            async_write=async_write,
+            on_write_error=on_write_error,
             extension=self.extension,
             writer=self.rank == 0,
             framework="torch",
@@ -110,6 +130,7 @@ class TorchCheckpointer:
         )
         self._storage_options = dict(storage_options or {})
         self._objects: dict[str, Any] = {}
+        self._stager = Stager()
         self._epoch = -1
         self._step: int | None = None
         self._previous_handler: Any = None
@@ -150,11 +171,19 @@ class TorchCheckpointer:
             state["rng"] = torch.get_rng_state()
         return state
 
-    def _writer(self, weights_only: bool) -> Any:
-        def write(path: str) -> None:
-            torch.save(self._state(weights_only), path)
+    def _writer(self, weights_only: bool) -> Staged:
+        # The training thread pays for a copy into reused host buffers; serialising and writing
+        # run in the saver's background thread.
+        def serialize(snapshot: Any, path: str) -> None:
+            if self.format == "safetensors":
+                from safetensors.torch import save_file
 
-        return write
+                meta = {"epoch": str(snapshot.state["epoch"]), "step": str(snapshot.state["step"])}
+                save_file(snapshot.state["model"], path, metadata=meta)
+            else:
+                torch.save(snapshot.state, path)
+
+        return Staged(lambda: self._stager.snapshot(self._state(weights_only)), serialize)
 
     def step(
         self,
@@ -212,6 +241,11 @@ class TorchCheckpointer:
 
     def _load(self, record: Record, map_location: Any) -> dict[str, Any]:
         path = fetch(record, **self._storage_options)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            device = map_location if isinstance(map_location, str) else "cpu"
+            return {"model": load_file(path, device=device), "epoch": record.epoch}
         state = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(state, dict) or "model" not in state:
             raise ValueError(f"{record.path} is not a TorchCheckpointer checkpoint")

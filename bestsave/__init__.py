@@ -8,7 +8,7 @@ from bestsave.metrics import MissingMetricError
 from bestsave.monitor import Monitor, infer_mode
 from bestsave.policy import Policy, PolicyState, Verdict
 from bestsave.record import Record
-from bestsave.saver import BestSaver, Decision, RunExistsError, Staged
+from bestsave.saver import BestSaver, Decision, RunExistsError, Staged, WriteError
 from bestsave.tracker import BestSaveWarning, Tracker
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "Staged",
     "Tracker",
     "Verdict",
+    "WriteError",
     "fetch",
     "infer_mode",
     "load_best",

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from bestsave import runinfo
+from bestsave.background import BackgroundWriter
+from bestsave.commit import (
+    Captured,
+    Committer,
+    Content,
+    Job,
+    NewFile,
+    SaverState,
+    WrittenFile,
+    sidecar_text,
+)
 from bestsave.manifest import Manifest, read_manifest
 from bestsave.metrics import MissingMetricError, as_score, clean_metrics
 from bestsave.monitor import Monitor, resolve_mode
@@ -27,7 +40,7 @@ from bestsave.naming import (
 )
 from bestsave.policy import Policy, PolicyState
 from bestsave.record import Record, join
-from bestsave.store import TMP_PREFIX, Store, file_digest, open_store, tmp_name
+from bestsave.store import TMP_PREFIX, Store, open_store, tmp_name
 from bestsave.tracker import BestSaveWarning, notify
 from bestsave.trackers import resolve_trackers
 
@@ -64,6 +77,20 @@ _RANKED = ("best", "top_k", "ensemble")
 
 class RunExistsError(FileExistsError):
     """The directory holds another run's manifest; resume it, overwrite it, or choose another."""
+
+
+class WriteError(RuntimeError):
+    """Writing a checkpoint failed; the previous best is intact. ``__cause__`` says why."""
+
+
+_LIVE: weakref.WeakSet[BestSaver] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all() -> None:
+    # A script that ends without close() still gets its pending writes.
+    for saver in list(_LIVE):
+        saver._flush(quiet=True)
 
 
 @dataclass(frozen=True)
@@ -113,8 +140,10 @@ class BestSaver:
         overwrite: Delete the files another run's manifest lists in ``dirpath`` and start afresh.
         trackers: ``"auto"`` (a W&B or MLflow run already active), ``"wandb"``, ``"mlflow"``, or
             objects with ``on_save``/``on_evict``/``on_end`` (see :class:`bestsave.Tracker`).
-        async_write: Write in a background thread (``Staged`` writers only): the training loop
-            pays for a snapshot in host memory. False writes everything before ``step`` returns.
+        async_write: Write :class:`Staged` writers' snapshots in a background thread: the
+            training loop pays only for the snapshot in host memory, and :meth:`close` waits for
+            the rest. Plain ``write(path)`` callables always commit before ``step`` returns.
+            False writes everything before ``step`` returns.
         on_write_error: ``"raise"`` (default) stops training with the write's error; ``"warn"``
             warns and trains on. Either way the previous best stays intact.
         extension: Appended to every file name (adapters pass their format's, e.g. ``".ckpt"``).
@@ -168,34 +197,46 @@ class BestSaver:
         if on_write_error not in ("raise", "warn"):
             raise ValueError(f"on_write_error must be 'raise' or 'warn', not {on_write_error!r}")
         check_template(filename)
-        self.async_write = bool(async_write)
-        self.on_write_error = on_write_error
         self.monitor = Monitor(monitor, resolve_mode(monitor, mode), min_delta)
         self.policy = Policy(self.monitor, top_k, delta, keep_every_n_epochs, patience, baseline)
         self.save_last = save_last
         self.filename = filename
         self.extension = extension
         self.writer = writer
+        self.async_write = bool(async_write)
+        self.on_write_error = on_write_error
         self.trackers = resolve_trackers(trackers) if writer else []
         self._store: Store = open_store(dirpath, **dict(storage_options or {}))
         self.dirpath = self._store.url
 
         self._state = PolicyState()
         self._evaluations = 0
+        self._last_epoch: int | None = None
         self._kept: list[Record] = []
         self._last: Record | None = None
-        self._history_bytes = 0
         self._warned: set[str] = set()
+        self._taken: set[str] = set()
         self._ended_best: str | None = ""
-        self._pending: dict[str, str] = {}
-        self._evicting: list[str] = []
         started_ts, started = _now()
         self._run = runinfo.collect(framework, dict(hparams or {}), started)
         self._run["started_ts"] = started_ts
-        self._taken: set[str] = set()
-        self._last_epoch: int | None = None
+        history_bytes = 0
         if writer:
-            self._open(resume=resume, overwrite=overwrite)
+            history_bytes = self._open(resume=resume, overwrite=overwrite)
+        self._committer = Committer(
+            self._store,
+            extension,
+            {
+                "run": self._run,
+                "monitor": self.monitor.name,
+                "mode": self.monitor.mode,
+                "policy": self._policy_dict(),
+            },
+            history_bytes,
+            self._saver_state(),
+        )
+        self._worker: BackgroundWriter | None = None
+        _LIVE.add(self)
 
     # -- public state ---------------------------------------------------------------------
 
@@ -203,17 +244,22 @@ class BestSaver:
     def best(self) -> Record | None:
         """Record of the best checkpoint, or None."""
         best_id = self._state.best_id
-        return next((r for r in self._kept if r.id == best_id and r.kind in _RANKED), None)
+        best = next((r for r in self._kept if r.id == best_id and r.kind in _RANKED), None)
+        return self._committer.filled(best) if best else None
 
     @property
     def kept(self) -> list[Record]:
-        """Records kept now, best first; periodic and exception ones after, by epoch."""
-        return sorted(self._kept, key=self._order)
+        """Records kept now, best first; periodic and exception ones after, by epoch.
+
+        With background writes, ``bytes`` and ``sha256`` are filled in once a file is written
+        (after :meth:`close` for certain).
+        """
+        return [self._committer.filled(r) for r in sorted(self._kept, key=self._order)]
 
     @property
     def last(self) -> Record | None:
         """Record of the rolling ``last`` checkpoint, or None."""
-        return self._last
+        return self._committer.filled(self._last) if self._last else None
 
     @property
     def should_stop(self) -> bool:
@@ -247,11 +293,33 @@ class BestSaver:
             return (0, self.monitor.rank_key(r.score), r.id)
         return (1, float(r.epoch), r.id)
 
+    def _saver_state(self) -> SaverState:
+        return SaverState(
+            policy=self._state.to_dict(),
+            evaluations=self._evaluations,
+            last_epoch=self._last_epoch,
+            kept=tuple(sorted(self._kept, key=self._order)),
+            last=self._last,
+            warned=tuple(sorted(self._warned)),
+        )
+
+    def _roll_back(self, state: SaverState) -> None:
+        """Forget decisions whose files were never committed."""
+        self._state = PolicyState.from_dict(state.policy)
+        self._evaluations = state.evaluations
+        self._last_epoch = state.last_epoch
+        self._kept = list(state.kept)
+        self._last = state.last
+        self._warned = set(state.warned)
+        self._taken = set(self._store.names())
+
     # -- opening a directory ----------------------------------------------------------------
 
-    def _open(self, resume: bool, overwrite: bool) -> None:
+    def _open(self, resume: bool, overwrite: bool) -> int:
+        """Take the directory over; returns the committed size of the history."""
         store = self._store
         manifest = read_manifest(store)
+        history_bytes = 0
         if manifest is not None and resume:
             if manifest.monitor != self.monitor.name or manifest.mode != self.monitor.mode:
                 raise ValueError(
@@ -259,8 +327,8 @@ class BestSaver:
                     f"({manifest.mode}), this saver {self.monitor.name!r} ({self.monitor.mode}); "
                     "use the same monitor and mode, or another directory"
                 )
-            self._restore(manifest)
-            self._recover(manifest)
+            history_bytes = self._restore(manifest)
+            self._recover(manifest, history_bytes)
         elif manifest is not None and overwrite:
             for name in self._names_of(manifest):
                 store.delete(name)
@@ -271,7 +339,7 @@ class BestSaver:
             what = (
                 f"its best is {best.name} ({manifest.monitor}={best.score})"
                 if best
-                else ("it has kept no best yet")
+                else "it has kept no best yet"
             )
             raise RunExistsError(
                 f"{self.dirpath} holds run {manifest.run.get('id', '?')} started "
@@ -282,35 +350,35 @@ class BestSaver:
         for name in store.names():
             if name.startswith(TMP_PREFIX):
                 store.delete(name)
-        self._taken = {n for n in store.names()}
+        self._taken = set(store.names())
+        return history_bytes
 
-    def _names_of(self, manifest: Manifest) -> list[str]:
+    @staticmethod
+    def _names_of(manifest: Manifest) -> list[str]:
+        extension = str(manifest.policy.get("extension", ""))
         names = []
         for r in manifest.kept:
-            names += [r.name, sidecar_name(r.name, self._ext_of(manifest))]
+            names += [r.name, sidecar_name(r.name, extension)]
         if manifest.last:
             names.append(manifest.last.name)
         names += list(manifest.pending.values()) + manifest.evicting
         return names
 
-    @staticmethod
-    def _ext_of(manifest: Manifest) -> str:
-        return str(manifest.policy.get("extension", ""))
-
-    def _restore(self, manifest: Manifest) -> None:
+    def _restore(self, manifest: Manifest) -> int:
         state = manifest.state
         self._state = PolicyState.from_dict(state.get("policy", {}))
         self._evaluations = int(state.get("evaluations", 0))
         self._last_epoch = state.get("last_epoch")
-        self._history_bytes = int(state.get("history_bytes", 0))
         self._warned = set(state.get("warned", []))
         self._kept = [replace(r, path=join(self.dirpath, r.name)) for r in manifest.kept]
-        self._last = manifest.last
+        if manifest.last:
+            self._last = replace(manifest.last, path=join(self.dirpath, manifest.last.name))
         run = dict(manifest.run)
         run["resumes"] = int(run.get("resumes", 0)) + 1
         self._run = run
+        return int(state.get("history_bytes", 0))
 
-    def _recover(self, manifest: Manifest) -> None:
+    def _recover(self, manifest: Manifest, history_bytes: int) -> None:
         """Finish what a crash interrupted: the manifest is the truth, files follow it."""
         store = self._store
         for final, tmp in manifest.pending.items():
@@ -321,8 +389,8 @@ class BestSaver:
         for r in self._kept:
             side = sidecar_name(r.name, self.extension)
             if not store.exists(side):
-                store.write_text(side, self._sidecar_text(r))
-        store.truncate(HISTORY, self._history_bytes)
+                store.write_text(side, sidecar_text(r))
+        store.truncate(HISTORY, history_bytes)
 
     # -- one evaluation ----------------------------------------------------------------------
 
@@ -330,22 +398,28 @@ class BestSaver:
         self,
         epoch: int,
         metrics: Mapping[str, Any],
-        write: Writer | None = None,
+        write: Writer | Staged | None = None,
         *,
         step: int | None = None,
-        write_last: Writer | None = None,
+        write_last: Writer | Staged | None = None,
     ) -> Decision:
         """Judge one evaluation and keep, evict and record as the policy decides.
 
         Args:
             epoch: The epoch just evaluated (0-based).
             metrics: Everything logged at this evaluation; must hold the monitored metric.
-            write: Writes the checkpoint to the local path it is given. Called only when a file
-                is kept, at most once per evaluation.
+            write: Writes the checkpoint to the local path it is given, or a :class:`Staged`
+                writer whose ``capture`` runs now and ``serialize`` in the background. Used
+                only when a file is kept, at most once per evaluation.
             step: The global step, recorded with the evaluation.
             write_last: Writes the ``last`` checkpoint when it differs from ``write``'s (e.g. kept
                 files hold weights only); by default ``last`` holds what ``write`` writes.
+
+        Raises:
+            MissingMetricError: the monitored metric is not in ``metrics``.
+            WriteError: an earlier background write failed (with ``on_write_error="raise"``).
         """
+        self._check_worker()
         if self.monitor.name not in metrics:
             raise MissingMetricError(self.monitor.name, [str(k) for k in metrics])
         score, reason = as_score(metrics[self.monitor.name])
@@ -359,21 +433,7 @@ class BestSaver:
         clean = clean_metrics(metrics)
         id = self._evaluations
         verdict, state = self.policy.decide(self._state, id, epoch, score)
-
-        base = Record(
-            path="",
-            kind="",
-            epoch=int(epoch),
-            step=step,
-            monitor=self.monitor.name,
-            mode=self.monitor.mode,
-            score=score,
-            metrics=clean,
-            time=now,
-            elapsed_s=round(ts - float(self._run.get("started_ts", ts)), 3),
-            run=self._public_run(),
-            id=id,
-        )
+        base = self._record(epoch, step, score, clean, ts, now, id)
         by_id = {r.id: r for r in self._kept if r.kind in _RANKED}
         evicted = tuple(by_id[i] for i in verdict.evict if i in by_id)
         taken = self._taken - {n for r in evicted for n in self._files_of(r)}
@@ -384,7 +444,6 @@ class BestSaver:
             "monitor": sanitize(self.monitor.name),
             "score": score,
         }
-
         new: list[Record] = []
         if verdict.keep:
             new.append(self._named(replace(base, kind=verdict.keep), fields, taken))
@@ -392,15 +451,37 @@ class BestSaver:
             new.append(self._named(replace(base, kind="periodic"), fields, taken))
         last = (
             replace(base, kind="last", path=join(self.dirpath, "last" + self.extension))
-            if (self.save_last)
+            if self.save_last
             else None
         )
         if (new or last) and write is None:
             raise TypeError("step() must be given write= to save a checkpoint at this evaluation")
 
+        line = {
+            "epoch": base.epoch,
+            "step": base.step,
+            "time": base.time,
+            "elapsed_s": base.elapsed_s,
+            "score": score,
+            "metrics": clean,
+            "decision": {
+                "saved": bool(new),
+                "is_best": verdict.is_best,
+                "kind": [r.kind for r in new],
+                "files": [r.name for r in new],
+                "evicted": [r.name for r in evicted],
+            },
+        }
+        job = None
         if self.writer:
-            new, last = self._write(new, last, write, write_last)
-            self._commit(base, verdict.is_best, new, last, evicted, state)
+            job = Job(
+                evict=list(evicted), lines=[json.dumps(line, default=str, allow_nan=False) + "\n"]
+            )
+            try:
+                job.files = self._capture(new, last, evicted, write, write_last)
+            except Exception as e:
+                self._failed(e, roll_back=False)  # raises, or warns and skips this save
+                return Decision(False, False, None, score=score)
         self._state = state
         self._evaluations += 1
         self._last_epoch = int(epoch)
@@ -408,20 +489,45 @@ class BestSaver:
         self._taken = taken | {n for r in new for n in self._files_of(r)}
         if last is not None:
             self._last = last
-        if self.writer:
-            for r in evicted:
-                notify(self.trackers, "on_evict", r)
-            for r in new:
-                notify(self.trackers, "on_save", r, r.path)
+        if job is not None:
+            job.state = self._saver_state()
+            best = self.best
+            job.best_name = best.name if best else None
+            self._submit(job)
         ranked = next((r for r in new if r.kind in _RANKED), None)
         return Decision(
             is_best=verdict.is_best,
             saved=bool(new),
-            record=ranked or (new[0] if new else None),
+            record=self._committer.filled(ranked or new[0]) if new else None,
             evicted=evicted,
             should_stop=verdict.should_stop,
             score=score,
-            records=tuple(new),
+            records=tuple(self._committer.filled(r) for r in new),
+        )
+
+    def _record(
+        self,
+        epoch: int,
+        step: int | None,
+        score: float | None,
+        metrics: dict[str, Any],
+        ts: float,
+        now: str,
+        id: int,
+    ) -> Record:
+        return Record(
+            path="",
+            kind="",
+            epoch=int(epoch),
+            step=step,
+            monitor=self.monitor.name,
+            mode=self.monitor.mode,
+            score=score,
+            metrics=metrics,
+            time=now,
+            elapsed_s=round(ts - float(self._run.get("started_ts", ts)), 3),
+            run={k: v for k, v in self._run.items() if k != "started_ts"},
+            id=id,
         )
 
     def _named(self, record: Record, fields: dict[str, Any], taken: set[str]) -> Record:
@@ -435,153 +541,111 @@ class BestSaver:
     def _files_of(self, r: Record) -> tuple[str, str]:
         return r.name, sidecar_name(r.name, self.extension)
 
-    def _write(
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _capture(
         self,
-        new: list[Record],
-        last: Record | None,
-        write: Writer | None,
-        write_last: Writer | None,
-    ) -> tuple[list[Record], Record | None]:
-        """Write every new file under a temporary name, each distinct content once.
-
-        Files with the same content (a best that is also periodic, ``last`` beside a kept file)
-        are hard links to one written file. Returns the records with size and sha256 filled in.
-        """
-        store = self._store
-        written: list[str] = []
-        self._pending = {}
-        source: tuple[str, tuple[int, str]] | None = None  # what ``write`` wrote, and its digest
-
-        def produce(name: str, writer: Writer, reuse: bool) -> tuple[int, str]:
-            nonlocal source
-            if reuse and source is not None:
-                tmp, digest = tmp_name(name), source[1]
-                store.link(source[0], tmp)
-            else:
-                tmp, digest = self._write_one(name, writer)
-                if reuse:
-                    source = (tmp, digest)
-            written.append(tmp)
-            self._pending[name] = tmp
-            return digest
-
-        try:
-            out = [self._with_digest(r, produce(r.name, write, True)) for r in new]  # type: ignore[arg-type]
-            if last is not None:
-                same = write_last is None
-                last = self._with_digest(
-                    last,
-                    produce(last.name, write if same else write_last, same),  # type: ignore[arg-type]
-                )
-        except BaseException:
-            for tmp in written:
-                store.delete(tmp)
-            self._pending = {}
-            raise
-        return out, last
-
-    @staticmethod
-    def _with_digest(r: Record, digest: tuple[int, str]) -> Record:
-        return replace(r, bytes=digest[0], sha256=digest[1])
-
-    def _write_one(self, name: str, write: Writer) -> tuple[str, tuple[int, str]]:
-        tmp = tmp_name(name)
-        local = self._store.scratch(tmp)
-        try:
-            write(local)
-            if not os.path.exists(local):
-                raise FileNotFoundError(f"write() was given {local} but wrote no file there")
-            digest = file_digest(local)
-            self._store.publish(local, tmp)
-        except BaseException:
-            if os.path.exists(local):
-                os.unlink(local)
-            raise
-        return tmp, digest
-
-    def _commit(
-        self,
-        base: Record,
-        is_best: bool,
         new: list[Record],
         last: Record | None,
         evicted: tuple[Record, ...],
-        state: PolicyState,
-    ) -> None:
-        """History line, then the manifest (the commit point), then renames and deletions."""
-        store = self._store
-        decision = {
-            "saved": bool(new),
-            "is_best": is_best,
-            "kind": [r.kind for r in new],
-            "files": [r.name for r in new],
-            "evicted": [r.name for r in evicted],
-        }
-        line = {
-            "epoch": base.epoch,
-            "step": base.step,
-            "time": base.time,
-            "elapsed_s": base.elapsed_s,
-            "score": base.score,
-            "metrics": base.metrics,
-            "decision": decision,
-        }
-        self._history_bytes = store.append_text(
-            HISTORY, json.dumps(line, default=str, allow_nan=False) + "\n"
-        )
-        evicting = [n for r in evicted for n in self._files_of(r)]
-        kept = [r for r in self._kept if r not in evicted] + new
-        self._write_manifest(
-            kept, last or self._last, state, self._evaluations + 1, base.epoch, evicting
-        )
-        self._finish(new, evicting)
+        write: Writer | Staged | None,
+        write_last: Writer | Staged | None,
+    ) -> list[NewFile]:
+        """Take what must be written, on the training thread: each distinct content once.
 
-    def _write_manifest(
-        self,
-        kept: list[Record],
-        last: Record | None,
-        state: PolicyState,
-        evaluations: int,
-        last_epoch: int | None,
-        evicting: list[str],
-    ) -> None:
-        manifest = Manifest(
-            dirpath=self.dirpath,
-            run=self._run,
-            monitor=self.monitor.name,
-            mode=self.monitor.mode,
-            policy=self._policy_dict(),
-            kept=sorted(kept, key=self._order),
-            best_name=next(
-                (r.name for r in kept if r.id == state.best_id and r.kind in _RANKED), None
-            ),
-            last=last,
-            state={
-                "policy": state.to_dict(),
-                "evaluations": evaluations,
-                "last_epoch": last_epoch,
-                "history_bytes": self._history_bytes,
-                "warned": sorted(self._warned),
-            },
-            pending=dict(self._pending),
-            evicting=evicting,
+        Files holding the same bytes (a best that is also periodic, ``last`` beside a kept file)
+        become hard links to one written file.
+        """
+        records = new + ([last] if last is not None else [])
+        if not records:
+            return []
+        if self._worker is not None:
+            # Hold at most two snapshots: wait for room unless this step supersedes the
+            # pending job's files anyway.
+            superseded = {r.name for r in evicted} | {r.name for r in records}
+            if not self._worker.pending_files() <= superseded:
+                self._worker.wait_for_room()
+        files: list[NewFile] = []
+        shared: NewFile | None = None
+        try:
+            for r in records:
+                own = r is last and write_last is not None
+                if shared is not None and not own:
+                    files.append(NewFile(r, tmp_name(r.name), same_as=shared.record.name))
+                    continue
+                f = NewFile(r, tmp_name(r.name))
+                f.content = self._content(write_last if own else write, f.tmp)  # type: ignore[arg-type]
+                files.append(f)
+                if not own:
+                    shared = f
+        except BaseException:
+            Job(files=files).release()
+            raise
+        return files
+
+    def _content(self, write: Writer | Staged, tmp: str) -> Content:
+        if isinstance(write, Staged):
+            return Captured(write.serialize, write.capture())
+        local = self._store.scratch(tmp)
+        try:
+            write(local)
+        except BaseException:
+            WrittenFile(local).release()
+            raise
+        return WrittenFile(local)
+
+    def _submit(self, job: Job) -> None:
+        # Only captured snapshots go to the background; a plain write() already ran here, so
+        # its commit follows at once, after any background job, keeping the order.
+        contents = [f.content for f in job.files if f.content is not None]
+        staged = bool(contents) and all(isinstance(c, Captured) for c in contents)
+        background = self.async_write and (staged or (not contents and self._worker is not None))
+        if not background:
+            self._flush(quiet=True)
+            self._check_worker()
+            self._run_job(job, raise_now=True)
+            return
+        if self._worker is None:
+            self._worker = BackgroundWriter(lambda j: self._run_job(j, raise_now=False))
+        self._worker.submit(job)
+
+    def _run_job(self, job: Job, raise_now: bool) -> None:
+        try:
+            written = self._committer.run(job)
+        except BaseException as e:
+            if raise_now:
+                self._failed(e)
+                return
+            raise
+        for r in job.evict:
+            notify(self.trackers, "on_evict", r)
+        for r in written:
+            if r.kind != "last":
+                notify(self.trackers, "on_save", r, r.path)
+
+    def _check_worker(self) -> None:
+        error = self._worker.take_error() if self._worker is not None else None
+        if error is not None:
+            self._failed(error)
+
+    def _failed(self, error: BaseException, roll_back: bool = True) -> None:
+        """A write failed: forget what it was to commit, then raise or warn as configured."""
+        if roll_back:
+            self._roll_back(self._committer.committed)
+        if isinstance(error, (KeyboardInterrupt, SystemExit)) or self.on_write_error == "raise":
+            if isinstance(error, Exception) and not isinstance(error, WriteError):
+                raise WriteError(
+                    f"writing a checkpoint to {self.dirpath} failed ({type(error).__name__}: "
+                    f"{error}); the previous best is intact. Fix the cause and resume, or pass "
+                    "on_write_error='warn' to train on without that checkpoint"
+                ) from error
+            raise error
+        warnings.warn(
+            f"writing a checkpoint to {self.dirpath} failed ({type(error).__name__}: {error}); "
+            "training goes on and the previous best is intact",
+            BestSaveWarning,
+            stacklevel=4,
         )
-        self._store.write_text(MANIFEST, manifest.to_json())
-
-    def _finish(self, new: list[Record], evicting: list[str]) -> None:
-        """After the manifest is durable: files into place, sidecars, then deletions."""
-        store = self._store
-        for final, tmp in self._pending.items():
-            store.rename(tmp, final)
-        for r in new:
-            store.write_text(sidecar_name(r.name, self.extension), self._sidecar_text(r))
-        for name in evicting:
-            store.delete(name)
-        store.sync()
-        self._pending = {}
-
-    def _sidecar_text(self, r: Record) -> str:
-        return json.dumps(r.to_dict(), indent=1, default=str, allow_nan=False) + "\n"
 
     def _policy_dict(self) -> dict[str, Any]:
         p = self.policy
@@ -597,9 +661,6 @@ class BestSaver:
             "extension": self.extension,
         }
 
-    def _public_run(self) -> dict[str, Any]:
-        return {k: v for k, v in self._run.items() if k != "started_ts"}
-
     def _warn_once(self, key: str, message: str) -> None:
         if key in self._warned:
             return
@@ -611,30 +672,16 @@ class BestSaver:
     def save_exception(
         self,
         epoch: int,
-        write: Writer,
+        write: Writer | Staged,
         metrics: Mapping[str, Any] | None = None,
         step: int | None = None,
     ) -> Record | None:
-        """Keep a checkpoint of the state at an exception (kind ``exception``), outside the
-        policy: it never counts as best and is never evicted."""
+        """Keep the state at an exception (kind ``exception``), outside the policy: it never
+        counts as best and is never evicted. Written before this returns."""
         if not self.writer:
             return None
         ts, now = _now()
         clean = clean_metrics(metrics or {})
-        record = Record(
-            path="",
-            kind="exception",
-            epoch=int(epoch),
-            step=step,
-            monitor=self.monitor.name,
-            mode=self.monitor.mode,
-            score=None,
-            metrics=clean,
-            time=now,
-            elapsed_s=round(ts - float(self._run.get("started_ts", ts)), 3),
-            run=self._public_run(),
-            id=self._evaluations,
-        )
         fields = {
             **clean,
             "epoch": int(epoch),
@@ -642,20 +689,35 @@ class BestSaver:
             "monitor": sanitize(self.monitor.name),
             "score": None,
         }
-        taken = set(self._taken)
-        name = unique_name(render("exception-epoch={epoch:03d}", fields), self.extension, taken)
-        record = replace(record, path=join(self.dirpath, name))
-        [record], _ = self._write([record], None, write, None)
+        name = unique_name(
+            render("exception-epoch={epoch:03d}", fields), self.extension, self._taken
+        )
+        record = replace(
+            self._record(epoch, step, None, clean, ts, now, self._evaluations),
+            kind="exception",
+            path=join(self.dirpath, name),
+        )
+        self._flush(quiet=True)
+        job = Job(files=self._capture([record], None, (), write, None))
         self._kept.append(record)
         self._taken |= set(self._files_of(record))
-        self._write_manifest(
-            self._kept, self._last, self._state, self._evaluations, self._last_epoch, []
-        )
-        self._finish([record], [])
-        return record
+        job.state = self._saver_state()
+        best = self.best
+        job.best_name = best.name if best else None
+        self._run_job(job, raise_now=True)
+        return self._committer.filled(record)
+
+    def _flush(self, quiet: bool = False) -> None:
+        if self._worker is None:
+            return
+        self._worker.flush()
+        if not quiet:
+            self._check_worker()
 
     def close(self) -> None:
-        """Flush: wait for pending writes and tell trackers the run's best. Safe to repeat."""
+        """Flush: wait for pending writes, raise what a background write raised, and tell
+        trackers the run's best. May be called more than once; the saver stays usable."""
+        self._flush()
         best = self.best
         key = best.name if best else None
         if self.writer and key != self._ended_best:

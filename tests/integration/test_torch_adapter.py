@@ -175,6 +175,7 @@ def test_weights_only_kept_files_and_full_last(tmp_path):
     model, optimizer, _ = tiny_setup()
     ckpt = TorchCheckpointer(tmp_path, monitor="val_loss", save_last=True, save_weights_only=True)
     ckpt.step(0, {"val_loss": 0.5}, model=model, optimizer=optimizer)
+    ckpt.close()
     assert set(torch.load(ckpt.best.path, weights_only=True)) == {"model", "epoch", "step"}
     assert "optimizer" in torch.load(tmp_path / "last.pth", weights_only=True)
 
@@ -185,6 +186,7 @@ def test_load_detects_a_tampered_file(tmp_path):
     model, _, _ = tiny_setup()
     ckpt = TorchCheckpointer(tmp_path, monitor="val_loss")
     ckpt.step(0, {"val_loss": 0.5}, model=model)
+    ckpt.close()
     with open(ckpt.best.path, "r+b") as f:
         f.seek(-1, os.SEEK_END)
         last = f.read(1)

@@ -11,6 +11,7 @@ from bestsave import (
     BestSaveWarning,
     MissingMetricError,
     RunExistsError,
+    WriteError,
     load_best,
     load_manifest,
 )
@@ -34,6 +35,7 @@ def drive(saver, scores, monitor="val_acc", start=0, **extra):
         decisions.append(
             saver.step(epoch, metrics, write=writer(f"epoch {epoch}"), step=10 * epoch)
         )
+    saver.close()  # a flush: background writes are committed
     return decisions
 
 
@@ -100,6 +102,7 @@ def test_tensor_like_and_numpy_scores_are_numbers(tmp_path):
     saver = BestSaver(tmp_path, monitor="val_acc")
     saver.step(0, {"val_acc": np.float32(0.5), "n": np.int64(3)}, write=writer("a"))
     saver.step(1, {"val_acc": np.array([0.7])}, write=writer("b"))
+    saver.close()
     assert saver.best.epoch == 1 and saver.best.score == pytest.approx(0.7)
     assert load_manifest(tmp_path).kept[0].metrics["val_acc"] == pytest.approx(0.7)
 
@@ -187,6 +190,7 @@ def test_last_is_a_hard_link_to_the_kept_file_of_the_same_epoch(tmp_path, save_l
 def test_write_last_gives_last_its_own_content(tmp_path):
     saver = BestSaver(tmp_path, monitor="val_acc", save_last=True)
     saver.step(0, {"val_acc": 0.5}, write=writer("weights"), write_last=writer("full state"))
+    saver.close()
     assert open(saver.best.path).read() == "weights"
     assert (tmp_path / "last").read_text() == "full state"
 
@@ -290,8 +294,9 @@ def test_failed_write_leaves_previous_best_and_no_temp(tmp_path):
             f.write("half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(WriteError, match="No space.*previous best is intact") as caught:
         saver.step(1, {"val_acc": 0.9}, write=broken)
+    assert isinstance(caught.value.__cause__, OSError)
     assert saver.best.epoch == 0 and load_best(tmp_path).epoch == 0
     assert not [f for f in files(tmp_path) if f.startswith(TMP_PREFIX)]
     assert saver.step(1, {"val_acc": 0.9}, write=writer("ok")).is_best  # nothing was recorded
@@ -317,7 +322,9 @@ def test_trackers_are_called_after_commit_and_failures_warn(tmp_path):
 
         on_evict = on_end = on_save
 
-    saver = BestSaver(tmp_path, monitor="val_acc", trackers=[Recorder(), Broken()])
+    saver = BestSaver(
+        tmp_path, monitor="val_acc", trackers=[Recorder(), Broken()], async_write=False
+    )
     with pytest.warns(BestSaveWarning, match="unreachable"):
         drive(saver, [0.5, 0.6])
     saver.close()

@@ -1,0 +1,77 @@
+"""The background writer: one job in flight, at most one pending, errors kept for the caller."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from bestsave.commit import Job
+
+
+class BackgroundWriter:
+    """Runs jobs in order on one daemon thread.
+
+    A job submitted while another is pending is merged into it (:meth:`Job.absorb`), so a newer
+    best replaces an older one that has not started. The first error a job raises is kept;
+    jobs after it are dropped, and :meth:`take_error` hands it to the training thread.
+    """
+
+    def __init__(self, run: Callable[[Job], object], name: str = "bestsave-writer") -> None:
+        self._run = run
+        self._cond = threading.Condition()
+        self._pending: Job | None = None
+        self._busy = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._error is not None:  # the caller has not seen it yet: nothing more is written
+                job.release()
+                return
+            self._pending = job if self._pending is None else self._pending.absorb(job)
+            self._cond.notify_all()
+
+    def pending_files(self) -> set[str]:
+        """Names of the files the pending job would write."""
+        with self._cond:
+            return {f.record.name for f in self._pending.files} if self._pending else set()
+
+    def wait_for_room(self) -> None:
+        """Block until no job is pending (the one in flight may still run)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending is None or self._error is not None)
+
+    def flush(self) -> None:
+        """Block until every submitted job has run."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: (self._pending is None and not self._busy) or self._error is not None
+            )
+            self._cond.wait_for(lambda: not self._busy)
+
+    def take_error(self) -> BaseException | None:
+        with self._cond:
+            error, self._error = self._error, None
+            return error
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None)
+                job, self._pending = self._pending, None
+                self._busy = True
+                self._cond.notify_all()
+            try:
+                self._run(job)  # type: ignore[arg-type]
+            except BaseException as e:
+                with self._cond:
+                    self._error = e
+                    if self._pending is not None:
+                        self._pending.release()
+                        self._pending = None
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()

@@ -1,0 +1,159 @@
+"""Background writes: errors surface, newer bests replace pending ones, eviction waits."""
+
+import json
+import os
+import threading
+
+import pytest
+
+from bestsave import BestSaver, BestSaveWarning, Staged, WriteError, load_best, load_manifest
+
+pytestmark = pytest.mark.core
+
+
+class Snapshot:
+    live = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def __init__(self, text):
+        self.text = text
+        with Snapshot.lock:
+            Snapshot.live += 1
+            Snapshot.peak = max(Snapshot.peak, Snapshot.live)
+
+    def release(self):
+        with Snapshot.lock:
+            Snapshot.live -= 1
+
+
+def staged(text, gate=None, check=None, fail=None):
+    def serialize(snapshot, path):
+        if gate is not None:
+            gate.wait(10)
+        if check is not None:
+            check()
+        if fail is not None:
+            raise fail
+        with open(path, "w") as f:
+            f.write(snapshot.text)
+
+    return Staged(lambda: Snapshot(text), serialize)
+
+
+def test_a_failed_background_write_raises_at_the_next_step_and_keeps_the_best(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc")
+    saver.step(0, {"val_acc": 0.5}, write=staged("e0"))
+    saver.close()
+    saver.step(1, {"val_acc": 0.9}, write=staged("e1", fail=OSError(5, "Input/output error")))
+    saver._worker.flush()
+    with pytest.raises(WriteError, match="Input/output error") as caught:
+        saver.step(2, {"val_acc": 0.1}, write=staged("e2"))
+    assert isinstance(caught.value.__cause__, OSError)
+    assert saver.best.epoch == 0 and load_best(tmp_path).epoch == 0
+    assert open(load_best(tmp_path).path).read() == "e0"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".bestsave-tmp-")]
+
+
+def test_a_failed_background_write_raises_at_close(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc")
+    saver.step(0, {"val_acc": 0.5}, write=staged("e0", fail=ValueError("cannot pickle")))
+    with pytest.raises(WriteError, match="cannot pickle"):
+        saver.close()
+    saver.close()  # reported once; the saver stays usable
+    saver.step(1, {"val_acc": 0.6}, write=staged("e1"))
+    saver.close()
+    assert load_best(tmp_path).epoch == 1
+
+
+def test_warn_mode_trains_on_after_a_failed_write(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc", on_write_error="warn")
+    saver.step(0, {"val_acc": 0.5}, write=staged("e0"))
+    saver.step(1, {"val_acc": 0.9}, write=staged("e1", fail=OSError(28, "No space left")))
+    saver._worker.flush()
+    with pytest.warns(BestSaveWarning, match="No space left"):
+        saver.step(2, {"val_acc": 0.7}, write=staged("e2"))
+    saver.close()
+    # epoch 1 was never written: epoch 2 beat the best that exists
+    assert [r.epoch for r in saver.kept] == [2]
+    assert open(load_best(tmp_path).path).read() == "e2"
+
+
+def test_a_newer_best_replaces_a_pending_one_that_has_not_started(tmp_path):
+    gate, started = threading.Event(), threading.Event()
+    written = []
+
+    def tracking(text, **kw):
+        w = staged(text, **kw)
+
+        def serialize(snapshot, path):
+            written.append(snapshot.text)
+            started.set()
+            w.serialize(snapshot, path)
+
+        return Staged(w.capture, serialize)
+
+    saver = BestSaver(tmp_path, monitor="val_acc")
+    saver.step(0, {"val_acc": 0.5}, write=tracking("e0", gate=gate))
+    started.wait(10)  # e0 is in flight, blocked
+    saver.step(1, {"val_acc": 0.6}, write=tracking("e1"))  # pending
+    saver.step(2, {"val_acc": 0.7}, write=tracking("e2"))  # replaces the pending e1
+    gate.set()
+    saver.close()
+    assert written == ["e0", "e2"]
+    assert [r.epoch for r in load_manifest(tmp_path).kept] == [2]
+    history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert sorted(os.listdir(tmp_path)) == [
+        "bestsave.json",
+        "epoch=002-val_acc=0.7000",
+        "epoch=002-val_acc=0.7000.json",
+        "history.jsonl",
+    ]
+
+
+def test_eviction_waits_for_the_replacement_to_be_committed(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc")
+    saver.step(0, {"val_acc": 0.5}, write=staged("e0"))
+    saver.close()
+    old = load_best(tmp_path).path
+
+    def old_best_still_there():
+        assert os.path.exists(old)
+        assert load_best(tmp_path).epoch == 0
+
+    saver.step(1, {"val_acc": 0.9}, write=staged("e1", check=old_best_still_there))
+    saver.close()
+    assert not os.path.exists(old) and load_best(tmp_path).epoch == 1
+
+
+def test_at_most_two_snapshots_are_held(tmp_path):
+    Snapshot.live = Snapshot.peak = 0
+    gate = threading.Event()
+    threading.Timer(0.3, gate.set).start()
+    saver = BestSaver(tmp_path, monitor="val_acc", top_k=5)
+    for epoch in range(5):  # every one is kept, so none can replace another
+        saver.step(epoch, {"val_acc": 0.1 * epoch}, write=staged(f"e{epoch}", gate=gate))
+    saver.close()
+    assert Snapshot.peak <= 2 and Snapshot.live == 0
+    assert sorted(r.epoch for r in saver.kept) == [0, 1, 2, 3, 4]
+
+
+def test_sync_and_background_write_the_same_files(tmp_path):
+    for mode in (True, False):
+        saver = BestSaver(
+            tmp_path / str(mode),
+            monitor="val_acc",
+            top_k=2,
+            async_write=mode,
+            keep_every_n_epochs=2,
+            save_last=True,
+        )
+        for epoch, score in enumerate([0.3, 0.5, 0.4, 0.6]):
+            saver.step(epoch, {"val_acc": score}, write=staged(f"e{epoch}"))
+        saver.close()
+    a, b = (sorted(os.listdir(tmp_path / m)) for m in ("True", "False"))
+    assert a == b
+    for name in a:
+        if not name.endswith((".json", ".jsonl")):
+            assert (tmp_path / "True" / name).read_text() == (tmp_path / "False" / name).read_text()
