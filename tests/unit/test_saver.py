@@ -294,7 +294,7 @@ def test_failed_write_leaves_previous_best_and_no_temp(tmp_path):
             f.write("half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(WriteError, match="No space.*previous best is intact") as caught:
+    with pytest.raises(WriteError, match=r"No space.*previous best is intact") as caught:
         saver.step(1, {"val_acc": 0.9}, write=broken)
     assert isinstance(caught.value.__cause__, OSError)
     assert saver.best.epoch == 0 and load_best(tmp_path).epoch == 0
