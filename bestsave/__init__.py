@@ -3,6 +3,7 @@
 >>> from bestsave import BestSaver, Record, load_manifest, load_best
 """
 
+from bestsave.lock import DirectoryLockedError
 from bestsave.manifest import ChecksumError, Manifest, fetch, load_best, load_manifest
 from bestsave.metrics import MissingMetricError
 from bestsave.monitor import Monitor, infer_mode
@@ -16,6 +17,7 @@ __all__ = [
     "BestSaver",
     "ChecksumError",
     "Decision",
+    "DirectoryLockedError",
     "Manifest",
     "MissingMetricError",
     "Monitor",

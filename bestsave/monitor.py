@@ -68,6 +68,10 @@ def resolve_mode(name: str, mode: str) -> Mode:
     raise ValueError(f"mode must be 'min', 'max' or 'auto', not {mode!r}")
 
 
+def _slack(reference: float) -> float:
+    return 1e-12 * max(1.0, abs(reference))
+
+
 @dataclass(frozen=True)
 class Monitor:
     """A metric name, its direction and the margin an improvement must clear.
@@ -93,17 +97,19 @@ class Monitor:
     def improves(self, score: float, reference: float | None, margin: float | None = None) -> bool:
         """``score`` beats ``reference`` by more than ``margin`` (``min_delta`` by default).
 
-        A tie is not an improvement; anything beats no reference.
+        A tie is not an improvement; anything beats no reference. Differences within rounding
+        error count as ties, so ``0.8`` beats ``0.3`` by exactly ``0.5``, not by a hair more.
         """
         if reference is None:
             return True
-        margin = self.min_delta if margin is None else margin
+        margin = (self.min_delta if margin is None else margin) + _slack(reference)
         if self.mode == "max":
             return score > reference + margin
         return score < reference - margin
 
     def within(self, score: float, reference: float, delta: float) -> bool:
-        """``score`` is no more than ``delta`` behind ``reference``."""
+        """``score`` is no more than ``delta`` behind ``reference`` (rounding error forgiven)."""
+        delta += _slack(reference)
         if self.mode == "max":
             return score >= reference - delta
         return score <= reference + delta

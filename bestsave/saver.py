@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from bestsave import runinfo
+from bestsave import lock, runinfo
 from bestsave.background import BackgroundWriter
 from bestsave.commit import (
     Captured,
@@ -91,6 +91,7 @@ def _flush_all() -> None:
     # A script that ends without close() still gets its pending writes.
     for saver in list(_LIVE):
         saver._flush(quiet=True)
+        saver._release_lock()
 
 
 @dataclass(frozen=True)
@@ -221,8 +222,15 @@ class BestSaver:
         self._run = runinfo.collect(framework, dict(hparams or {}), started)
         self._run["started_ts"] = started_ts
         history_bytes = 0
+        self._locked = False
         if writer:
-            history_bytes = self._open(resume=resume, overwrite=overwrite)
+            lock.acquire(self._store, self._run["id"])
+            self._locked = True
+            try:
+                history_bytes = self._open(resume=resume, overwrite=overwrite)
+            except BaseException:
+                self._release_lock()
+                raise
         self._committer = Committer(
             self._store,
             extension,
@@ -420,6 +428,9 @@ class BestSaver:
             WriteError: an earlier background write failed (with ``on_write_error="raise"``).
         """
         self._check_worker()
+        if self.writer and not self._locked:
+            lock.acquire(self._store, self._run["id"])
+            self._locked = True
         if self.monitor.name not in metrics:
             raise MissingMetricError(self.monitor.name, [str(k) for k in metrics])
         score, reason = as_score(metrics[self.monitor.name])
@@ -717,12 +728,20 @@ class BestSaver:
     def close(self) -> None:
         """Flush: wait for pending writes, raise what a background write raised, and tell
         trackers the run's best. May be called more than once; the saver stays usable."""
-        self._flush()
+        try:
+            self._flush()
+        finally:
+            self._release_lock()
         best = self.best
         key = best.name if best else None
         if self.writer and key != self._ended_best:
             self._ended_best = key
             notify(self.trackers, "on_end", best)
+
+    def _release_lock(self) -> None:
+        if self._locked:
+            self._locked = False
+            lock.release(self._store)
 
     def __enter__(self) -> BestSaver:
         return self

@@ -64,6 +64,9 @@ class Store(Protocol):
     def write_text(self, name: str, text: str) -> None:
         """Replace ``name`` atomically with ``text``."""
 
+    def create_exclusive(self, name: str, text: str) -> bool:
+        """Create ``name`` holding ``text`` unless it exists; False when it did."""
+
     def append_text(self, name: str, text: str) -> int:
         """Append ``text`` durably; returns the file's new size in bytes."""
 
@@ -174,6 +177,16 @@ class LocalStore:
         os.replace(tmp, self._path(name))
         _fsync_dir(self.url)
 
+    def create_exclusive(self, name: str, text: str) -> bool:
+        self._ensure_dir()
+        try:
+            fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return True
+
     def append_text(self, name: str, text: str) -> int:
         self._ensure_dir()
         with open(self._path(name), "a", encoding="utf-8") as f:
@@ -257,6 +270,13 @@ class FsspecStore:
 
     def write_text(self, name: str, text: str) -> None:
         self.fs.pipe_file(self._path(name), text.encode("utf-8"))
+
+    def create_exclusive(self, name: str, text: str) -> bool:
+        # Object stores offer no exclusive create here: check, then write (best effort).
+        if self.exists(name):
+            return False
+        self.write_text(name, text)
+        return True
 
     def append_text(self, name: str, text: str) -> int:
         data = (self.read_text(name) or "") + text
