@@ -86,7 +86,8 @@ class NewFile:
 class SaverState:
     """What the saver has decided up to an evaluation: restored when a later write fails."""
 
-    policy: dict[str, Any]
+    policies: dict[str, Any]
+    """Each monitor's policy state, as a dict."""
     evaluations: int
     last_epoch: int | None
     kept: tuple[Record, ...]
@@ -192,18 +193,31 @@ class Committer:
         assert state is not None
         for line in job.lines:
             self.history_bytes = store.append_text(HISTORY, line)
-        evicting = [n for r in job.evict for n in (r.name, sidecar_name(r.name, self.extension))]
+        # A new file may reuse an evicted one's name (a fixed file name): the rename replaced
+        # it, so it must not be deleted.
+        reused = {
+            n
+            for f in job.files
+            for n in (f.record.name, sidecar_name(f.record.name, self.extension))
+        }
+        evicting = [
+            n
+            for r in job.evict
+            for n in (r.name, sidecar_name(r.name, self.extension))
+            if n not in reused
+        ]
         manifest = Manifest(
             dirpath=store.url,
             run=self.header["run"],
             monitor=self.header["monitor"],
             mode=self.header["mode"],
+            monitors=self.header["monitors"],
             policy=self.header["policy"],
             kept=[self.filled(r) for r in state.kept],
             best_name=job.best_name,
             last=self.filled(state.last) if state.last else None,
             state={
-                "policy": state.policy,
+                "policies": state.policies,
                 "evaluations": state.evaluations,
                 "last_epoch": state.last_epoch,
                 "history_bytes": self.history_bytes,
@@ -223,7 +237,8 @@ class Committer:
             store.delete(name)
         store.sync()
         for r in job.evict:
-            self.digests.pop(r.name, None)
+            if r.name not in reused:
+                self.digests.pop(r.name, None)
         self.committed = state
         return written
 

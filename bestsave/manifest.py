@@ -48,6 +48,27 @@ class Manifest:
     evicting: list[str] = field(default_factory=list)
     """Files this manifest no longer lists that may not be deleted yet."""
     format: int = FORMAT
+    monitors: dict[str, str] = field(default_factory=dict)
+    """Every monitored metric and its mode; the first is :attr:`monitor`."""
+
+    def __post_init__(self) -> None:
+        if not self.monitors:
+            self.monitors = {self.monitor: self.mode}
+
+    def best_for(self, monitor: str) -> Record | None:
+        """The best checkpoint by one of the run's monitors."""
+        state = self.state.get("policies", {}).get(monitor, {})
+        best_id = state.get("best_id")
+        return next(
+            (
+                r
+                for r in self.kept
+                if r.id == best_id
+                and r.monitor == monitor
+                and r.kind in ("best", "top_k", "ensemble")
+            ),
+            None,
+        )
 
     @property
     def best(self) -> Record | None:
@@ -61,6 +82,7 @@ class Manifest:
             "run": self.run,
             "monitor": self.monitor,
             "mode": self.mode,
+            "monitors": self.monitors,
             "policy": self.policy,
             "best": self.best_name,
             "kept": [r.to_dict() for r in self.kept],
@@ -93,6 +115,7 @@ class Manifest:
             pending=data.get("pending", {}),
             evicting=data.get("evicting", []),
             format=data.get("format", FORMAT),
+            monitors=data.get("monitors", {}),
         )
 
 

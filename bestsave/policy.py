@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from bestsave.monitor import Monitor
 
 Kind = Literal["best", "top_k", "ensemble", "periodic", "last", "exception"]
+
+
+Smooth = int | tuple[str, float] | None
+"""``N`` (mean of the last N valid scores), ``("ema", alpha)``, or None."""
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,8 @@ class Candidate:
 
     id: int
     score: float
+    secondary: float | None = None
+    """The tie-break metric's value, when there is one."""
 
 
 @dataclass(frozen=True)
@@ -31,30 +37,43 @@ class PolicyState:
     best: float | None = None
     """Score of the last improvement: the one a new score must beat by ``min_delta``."""
     best_id: int | None = None
+    best_secondary: float | None = None
     peak: float | None = None
     """Best valid score seen, the delta-ensemble's baseline (which ignores ``min_delta``)."""
     since_improvement: int = 0
     ranked: tuple[Candidate, ...] = ()
     """Checkpoints kept for their score (best, top-k, ensemble), best first."""
+    recent: tuple[float, ...] = ()
+    """The last valid raw scores, for ``smooth=N``."""
+    ema: float | None = None
+    """The running average, for ``smooth=("ema", alpha)``."""
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "best": self.best,
             "best_id": self.best_id,
+            "best_secondary": self.best_secondary,
             "peak": self.peak,
             "since_improvement": self.since_improvement,
-            "ranked": [[c.id, c.score] for c in self.ranked],
+            "ranked": [[c.id, c.score, c.secondary] for c in self.ranked],
+            "recent": list(self.recent),
+            "ema": self.ema,
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> PolicyState:
-        ranked = data.get("ranked") or []
+    def from_dict(cls, data: dict[str, Any]) -> PolicyState:
         return cls(
-            best=data.get("best"),  # type: ignore[arg-type]
-            best_id=data.get("best_id"),  # type: ignore[arg-type]
-            peak=data.get("peak"),  # type: ignore[arg-type]
-            since_improvement=int(data.get("since_improvement", 0)),  # type: ignore[call-overload]
-            ranked=tuple(Candidate(int(i), float(s)) for i, s in ranked),  # type: ignore[attr-defined]
+            best=data.get("best"),
+            best_id=data.get("best_id"),
+            best_secondary=data.get("best_secondary"),
+            peak=data.get("peak"),
+            since_improvement=int(data.get("since_improvement", 0)),
+            ranked=tuple(
+                Candidate(int(c[0]), float(c[1]), c[2] if len(c) > 2 else None)
+                for c in data.get("ranked") or []
+            ),
+            recent=tuple(float(x) for x in data.get("recent") or []),
+            ema=data.get("ema"),
         )
 
 
@@ -63,7 +82,8 @@ class Verdict:
     """The decision for one evaluation."""
 
     is_best: bool
-    """The score improves on the best by more than ``min_delta``."""
+    """The score improves on the best by more than ``min_delta`` (or ties and wins the
+    tie-break)."""
     keep: Kind | None
     """Why the checkpoint is kept for its score ("best", "top_k", "ensemble"), or None."""
     periodic: bool
@@ -71,11 +91,35 @@ class Verdict:
     evict: tuple[int, ...] = ()
     """Ids of checkpoints this one pushes out."""
     should_stop: bool = False
+    score: float | None = None
+    """The score judged: the smoothed one with ``smooth``, else the raw one."""
 
 
 def _check_int(name: str, value: object, low: int, fix: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be None or an int >= {low}, not {value!r}; {fix}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_smooth(smooth: object) -> Smooth:
+    """``smooth`` validated: None, an int >= 1, or ("ema", alpha) with 0 < alpha <= 1."""
+    if smooth is None or (isinstance(smooth, int) and not isinstance(smooth, bool) and smooth >= 1):
+        return smooth  # type: ignore[return-value]
+    if (
+        isinstance(smooth, (tuple, list))
+        and len(smooth) == 2
+        and smooth[0] == "ema"
+        and _is_number(smooth[1])
+        and 0 < smooth[1] <= 1
+    ):
+        return ("ema", float(smooth[1]))
+    raise ValueError(
+        f"smooth must be None, a window size N >= 1 (mean of the last N scores) or "
+        f"('ema', alpha) with 0 < alpha <= 1, not {smooth!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -98,25 +142,30 @@ class Policy:
     patience: int | None = None
     baseline: float | None = None
     """A score must beat this to count as an improvement or be kept for its score."""
+    smooth: Smooth = None
+    """Judge on a smoothed score: ``N`` (mean of the last N valid scores) or ``("ema", a)``."""
+    tie_break: Monitor | None = None
+    """A second metric that decides ties (equal, or within ``min_delta``)."""
+    warmup: int = 0
+    """Epochs before this are never best nor kept for their score, and do not count for
+    patience."""
     _cap: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.top_k is not None:
             _check_int("top_k", self.top_k, -1, "use -1 to keep every valid score, 0 to keep none")
-        if self.delta is not None and not (
-            isinstance(self.delta, (int, float))
-            and not isinstance(self.delta, bool)
-            and self.delta >= 0
-        ):
+        if self.delta is not None and not (_is_number(self.delta) and self.delta >= 0):
             raise ValueError(f"delta must be None or a number >= 0, not {self.delta!r}")
         if self.keep_every_n_epochs is not None:
             _check_int("keep_every_n_epochs", self.keep_every_n_epochs, 1, "or None to keep none")
         if self.patience is not None:
             _check_int("patience", self.patience, 1, "or None never to stop")
         if self.baseline is not None and not (
-            isinstance(self.baseline, (int, float)) and math.isfinite(self.baseline)
+            _is_number(self.baseline) and math.isfinite(self.baseline)
         ):
             raise ValueError(f"baseline must be None or a finite number, not {self.baseline!r}")
+        _check_int("warmup", self.warmup, 0, "the number of epochs to ignore, 0 for none")
+        object.__setattr__(self, "smooth", check_smooth(self.smooth))
         if self.top_k is None:
             cap = 1.0 if self.delta is None else math.inf
         else:
@@ -132,23 +181,74 @@ class Policy:
         n = self.keep_every_n_epochs
         return n is not None and (epoch + 1) % n == 0
 
+    def _rank_key(self, c: Candidate) -> tuple[float, float, int]:
+        # Best first; then the better tie-break value; then the older one, so that a full tie
+        # keeps the incumbent.
+        secondary = math.inf
+        if self.tie_break is not None and c.secondary is not None:
+            secondary = self.tie_break.rank_key(c.secondary)
+        return (self.monitor.rank_key(c.score), secondary, c.id)
+
     def _sorted(self, ranked: list[Candidate]) -> tuple[Candidate, ...]:
-        # Best first; among equal scores the older one ranks higher, so a tie keeps the incumbent.
-        return tuple(sorted(ranked, key=lambda c: (self.monitor.rank_key(c.score), c.id)))
+        return tuple(sorted(ranked, key=self._rank_key))
+
+    def beats(self, new: Candidate, old: Candidate, margin: float | None = None) -> bool:
+        """``new`` improves on ``old`` by more than ``margin`` (``min_delta``), or ties with it
+        (neither is that much better) and has the better tie-break value."""
+        if self.monitor.improves(new.score, old.score, margin):
+            return True
+        if self.tie_break is None or self.monitor.improves(old.score, new.score, margin):
+            return False
+        if new.secondary is None:
+            return False
+        return self.tie_break.improves(new.secondary, old.secondary, margin=0.0)
+
+    def _judge(self, state: PolicyState, raw: float | None) -> tuple[float | None, PolicyState]:
+        """The score to judge, and the smoothing state after ``raw``."""
+        if raw is None or self.smooth is None:
+            return raw, state
+        if isinstance(self.smooth, tuple):
+            alpha = self.smooth[1]
+            ema = raw if state.ema is None else alpha * raw + (1 - alpha) * state.ema
+            return ema, replace(state, ema=ema)
+        recent = (*state.recent, raw)[-self.smooth :]
+        return sum(recent) / len(recent), replace(state, recent=recent)
 
     def decide(
-        self, state: PolicyState, id: int, epoch: int, score: float | None
+        self,
+        state: PolicyState,
+        id: int,
+        epoch: int,
+        score: float | None,
+        secondary: float | None = None,
     ) -> tuple[Verdict, PolicyState]:
-        """The decision for evaluation ``id`` at ``epoch`` with ``score`` (None when invalid)."""
+        """The decision for evaluation ``id`` at ``epoch``.
+
+        Args:
+            state: The state after the previous evaluations.
+            id: This evaluation's index.
+            epoch: Its epoch (0-based).
+            score: The monitored value, None when invalid.
+            secondary: The tie-break metric's value, None when absent or invalid.
+        """
         monitor = self.monitor
         periodic = self.is_periodic(epoch)
+        score, state = self._judge(state, score)
+        if epoch < self.warmup:
+            return Verdict(
+                False, None, periodic, (), self._stops(state.since_improvement), score
+            ), state
         if score is None:
             since = state.since_improvement + 1
-            verdict = Verdict(False, None, periodic, (), self._stops(since))
+            verdict = Verdict(False, None, periodic, (), self._stops(since), None)
             return verdict, replace(state, since_improvement=since)
 
-        reference = self.baseline if state.best is None else state.best
-        improved = monitor.improves(score, reference)
+        new = Candidate(id, score, secondary)
+        if state.best_id is None and state.best is None:
+            improved = self.baseline is None or monitor.improves(score, self.baseline)
+        else:
+            incumbent = Candidate(state.best_id or -1, state.best, state.best_secondary)  # type: ignore[arg-type]
+            improved = self.beats(new, incumbent)
         peak = score if state.peak is None else monitor.better(state.peak, score)
         ranked = list(state.ranked)
         evict: list[int] = []
@@ -170,12 +270,12 @@ class Policy:
             ordered = self._sorted(ranked)
             if len(ordered) < self._cap:
                 enters = True
-            elif monitor.improves(score, ordered[-1].score):
+            elif self.beats(new, ordered[-1]):
                 enters = True
                 evict.append(ordered[-1].id)
                 ranked = [c for c in ranked if c.id != ordered[-1].id]
         if enters:
-            ranked.append(Candidate(id, score))
+            ranked.append(new)
 
         if improved:
             keep: Kind | None = "best" if enters else None
@@ -184,14 +284,17 @@ class Policy:
         else:
             keep = None
         since = 0 if improved else state.since_improvement + 1
-        new_state = PolicyState(
+        new_state = replace(
+            state,
             best=score if improved else state.best,
             best_id=id if improved else state.best_id,
+            best_secondary=secondary if improved else state.best_secondary,
             peak=peak,
             since_improvement=since,
             ranked=self._sorted(ranked),
         )
-        return Verdict(improved, keep, periodic, tuple(evict), self._stops(since)), new_state
+        verdict = Verdict(improved, keep, periodic, tuple(evict), self._stops(since), score)
+        return verdict, new_state
 
     def _stops(self, since_improvement: int) -> bool:
         return self.patience is not None and since_improvement >= self.patience

@@ -27,6 +27,7 @@ class Record:
     monitor: str
     mode: str
     score: float | None
+    """The score judged: the monitored value, or its smoothed value with ``smooth``."""
     metrics: dict[str, Any] = field(default_factory=dict)
     """Every metric logged at that evaluation, train and validation."""
     time: str = ""
@@ -39,6 +40,8 @@ class Record:
     """Run info: id, host, framework and versions, git commit and dirty flag, hyperparameters."""
     id: int = -1
     """Index of the evaluation that produced it, counted from the run's first."""
+    raw_score: float | None = None
+    """The monitored value as logged (equal to ``score`` unless smoothed)."""
 
     @property
     def name(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import socket
@@ -10,6 +11,8 @@ import sys
 import uuid
 from importlib import metadata
 from typing import Any
+
+from bestsave.metrics import as_number
 
 # Versions are recorded for these when the training script has imported them; bestsave never
 # imports a framework to find out.
@@ -77,5 +80,19 @@ def collect(
     if git:
         info["git"] = git
     if hparams:
-        info["hparams"] = hparams
+        info["hparams"] = jsonable(hparams)
     return info
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as strict JSON data: numbers that are not finite, and objects, become text."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    number = as_number(value)
+    return jsonable(number) if number is not None else str(value)

@@ -8,7 +8,7 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -25,6 +25,7 @@ from bestsave.commit import (
     WrittenFile,
     sidecar_text,
 )
+from bestsave.guards import CONSTANT_AFTER, constant_warning, naming_warnings
 from bestsave.manifest import Manifest, read_manifest
 from bestsave.metrics import MissingMetricError, as_score, clean_metrics
 from bestsave.monitor import Monitor, resolve_mode
@@ -38,7 +39,7 @@ from bestsave.naming import (
     sidecar_name,
     unique_name,
 )
-from bestsave.policy import Policy, PolicyState
+from bestsave.policy import Policy, PolicyState, Smooth
 from bestsave.record import Record, join
 from bestsave.store import TMP_PREFIX, Store, open_store, tmp_name
 from bestsave.tracker import BestSaveWarning, notify
@@ -111,6 +112,21 @@ class Decision:
     """The monitored value as a float, or None when it was invalid."""
     records: tuple[Record, ...] = field(default=())
     """Every file kept this time (a best that is also periodic gives two)."""
+    best_for: tuple[str, ...] = ()
+    """The monitors for which this evaluation is a new best."""
+
+
+def _tie_break_monitor(tie_break: str | tuple[str, str] | None) -> Monitor | None:
+    if tie_break is None:
+        return None
+    if isinstance(tie_break, str):
+        return Monitor(tie_break, resolve_mode(tie_break, "auto"))
+    if isinstance(tie_break, (tuple, list)) and len(tie_break) == 2:
+        return Monitor(tie_break[0], resolve_mode(tie_break[0], tie_break[1]))
+    raise ValueError(
+        f"tie_break must be a metric name or (name, mode), e.g. ('val_loss', 'min'), "
+        f"not {tie_break!r}"
+    )
 
 
 def _now() -> tuple[float, str]:
@@ -123,8 +139,10 @@ class BestSaver:
 
     Args:
         dirpath: Directory for checkpoints: a local path or an fsspec URL (``s3://bucket/run``).
-        monitor: The metric that decides, e.g. ``"val_auroc"``.
-        mode: ``"min"``, ``"max"`` or ``"auto"`` (from the metric's name; unknown names raise).
+        monitor: The metric that decides, e.g. ``"val_auroc"``; or several, each keeping its
+            own best (or top-k) in the same directory, files shared when one epoch wins several.
+        mode: ``"min"``, ``"max"`` or ``"auto"`` (from the metric's name; unknown names raise);
+            one per monitor when there are several.
         min_delta: An improvement must beat the best by more than this.
         top_k: Keep the k best; -1 every valid score; 0 none (history only). None: 1 without
             ``delta``, no cap with it.
@@ -139,6 +157,12 @@ class BestSaver:
             ``initial_value_threshold``); a resumed run's best replaces it.
         resume: Continue the run whose manifest is in ``dirpath`` (a new run when there is none).
         overwrite: Delete the files another run's manifest lists in ``dirpath`` and start afresh.
+        smooth: Judge on a smoothed score: ``N`` (mean of the last N valid scores) or
+            ``("ema", alpha)``. Records and history keep the raw score beside it.
+        tie_break: A metric that decides ties (equal scores, or within ``min_delta``): its
+            name (mode inferred) or ``(name, mode)``. Without it a tie keeps the incumbent.
+        warmup: Epochs before this are never best nor kept for their score (history, periodic
+            and last checkpoints still are), so early spikes never become the best.
         trackers: ``"auto"`` (a W&B or MLflow run already active), ``"wandb"``, ``"mlflow"``, or
             objects with ``on_save``/``on_evict``/``on_end`` (see :class:`bestsave.Tracker`).
         async_write: Write :class:`Staged` writers' snapshots in a background thread: the
@@ -167,8 +191,8 @@ class BestSaver:
     def __init__(
         self,
         dirpath: str | os.PathLike[str],
-        monitor: str,
-        mode: Literal["min", "max", "auto"] | str = "auto",
+        monitor: str | Sequence[str],
+        mode: str | Sequence[str] = "auto",
         min_delta: float = 0.0,
         top_k: int | None = None,
         delta: float | None = None,
@@ -180,6 +204,9 @@ class BestSaver:
         overwrite: bool = False,
         trackers: str | Iterable[Any] = "auto",
         *,
+        smooth: Smooth = None,
+        tie_break: str | tuple[str, str] | None = None,
+        warmup: int = 0,
         baseline: float | None = None,
         async_write: bool = True,
         on_write_error: Literal["raise", "warn"] = "raise",
@@ -189,8 +216,17 @@ class BestSaver:
         hparams: Mapping[str, Any] | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"monitor must be the name of a logged metric, not {monitor!r}")
+        names = [monitor] if isinstance(monitor, str) else list(monitor)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"monitor must name a logged metric, or list several, not {monitor!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"monitor lists a metric twice: {names!r}")
+        modes = [mode] * len(names) if isinstance(mode, str) else list(mode)
+        if len(modes) != len(names):
+            raise ValueError(
+                f"mode must be one mode for every monitor or one per monitor; got {len(modes)} "
+                f"modes for {len(names)} monitors"
+            )
         if save_last not in (False, True, "link"):
             raise ValueError(f"save_last must be False, True or 'link', not {save_last!r}")
         if extension == ".json":
@@ -198,8 +234,19 @@ class BestSaver:
         if on_write_error not in ("raise", "warn"):
             raise ValueError(f"on_write_error must be 'raise' or 'warn', not {on_write_error!r}")
         check_template(filename)
-        self.monitor = Monitor(monitor, resolve_mode(monitor, mode), min_delta)
-        self.policy = Policy(self.monitor, top_k, delta, keep_every_n_epochs, patience, baseline)
+        tie = _tie_break_monitor(tie_break)
+        self.monitors = [
+            Monitor(n, resolve_mode(n, m), min_delta) for n, m in zip(names, modes, strict=True)
+        ]
+        self.policies = {
+            m.name: Policy(
+                m, top_k, delta, keep_every_n_epochs, patience, baseline, smooth, tie, warmup
+            )
+            for m in self.monitors
+        }
+        self.monitor = self.monitors[0]
+        """The first monitor: the one :attr:`best` follows."""
+        self.policy = self.policies[self.monitor.name]
         self.save_last = save_last
         self.filename = filename
         self.extension = extension
@@ -210,7 +257,8 @@ class BestSaver:
         self._store: Store = open_store(dirpath, **dict(storage_options or {}))
         self.dirpath = self._store.url
 
-        self._state = PolicyState()
+        self._states = {m.name: PolicyState() for m in self.monitors}
+        self._first_scores: dict[str, list[float]] = {m.name: [] for m in self.monitors}
         self._evaluations = 0
         self._last_epoch: int | None = None
         self._kept: list[Record] = []
@@ -231,6 +279,12 @@ class BestSaver:
             except BaseException:
                 self._release_lock()
                 raise
+        elif resume:
+            # Other ranks read the run rank 0 resumes, so they reach the same decisions.
+            manifest = read_manifest(self._store)
+            if manifest is not None:
+                self._check_monitors(manifest)
+                self._restore(manifest)
         self._committer = Committer(
             self._store,
             extension,
@@ -238,6 +292,7 @@ class BestSaver:
                 "run": self._run,
                 "monitor": self.monitor.name,
                 "mode": self.monitor.mode,
+                "monitors": {m.name: m.mode for m in self.monitors},
                 "policy": self._policy_dict(),
             },
             history_bytes,
@@ -250,10 +305,27 @@ class BestSaver:
 
     @property
     def best(self) -> Record | None:
-        """Record of the best checkpoint, or None."""
-        best_id = self._state.best_id
-        best = next((r for r in self._kept if r.id == best_id and r.kind in _RANKED), None)
+        """Record of the best checkpoint (by the first monitor), or None."""
+        return self.best_for(self.monitor.name)
+
+    def best_for(self, monitor: str) -> Record | None:
+        """Record of the best checkpoint by ``monitor`` (one of the saver's monitors)."""
+        if monitor not in self._states:
+            raise KeyError(f"{monitor!r} is not monitored; monitors: {list(self._states)}")
+        best_id = self._states[monitor].best_id
+        best = next(
+            (
+                r
+                for r in self._kept
+                if r.id == best_id and r.kind in _RANKED and r.monitor == monitor
+            ),
+            None,
+        )
         return self._committer.filled(best) if best else None
+
+    @property
+    def _state(self) -> PolicyState:
+        return self._states[self.monitor.name]
 
     @property
     def kept(self) -> list[Record]:
@@ -271,9 +343,11 @@ class BestSaver:
 
     @property
     def should_stop(self) -> bool:
-        """Patience is exhausted: this many evaluations passed without improvement."""
-        return self.policy.patience is not None and (
-            self._state.since_improvement >= self.policy.patience
+        """Patience is exhausted: that many evaluations passed without improvement (of any
+        monitor, when there are several)."""
+        patience = self.policy.patience
+        return patience is not None and all(
+            s.since_improvement >= patience for s in self._states.values()
         )
 
     @property
@@ -296,14 +370,20 @@ class BestSaver:
         """Run info recorded with every checkpoint."""
         return self._run
 
-    def _order(self, r: Record) -> tuple[int, float, int]:
-        if r.kind in _RANKED and r.score is not None:
-            return (0, self.monitor.rank_key(r.score), r.id)
-        return (1, float(r.epoch), r.id)
+    def _order(self, r: Record) -> tuple[int, int, float, int]:
+        names = list(self.policies)
+        if r.kind in _RANKED and r.score is not None and r.monitor in self.policies:
+            return (
+                0,
+                names.index(r.monitor),
+                self.policies[r.monitor].monitor.rank_key(r.score),
+                r.id,
+            )
+        return (1, 0, float(r.epoch), r.id)
 
     def _saver_state(self) -> SaverState:
         return SaverState(
-            policy=self._state.to_dict(),
+            policies={name: st.to_dict() for name, st in self._states.items()},
             evaluations=self._evaluations,
             last_epoch=self._last_epoch,
             kept=tuple(sorted(self._kept, key=self._order)),
@@ -313,7 +393,7 @@ class BestSaver:
 
     def _roll_back(self, state: SaverState) -> None:
         """Forget decisions whose files were never committed."""
-        self._state = PolicyState.from_dict(state.policy)
+        self._states = {name: PolicyState.from_dict(d) for name, d in state.policies.items()}
         self._evaluations = state.evaluations
         self._last_epoch = state.last_epoch
         self._kept = list(state.kept)
@@ -329,12 +409,7 @@ class BestSaver:
         manifest = read_manifest(store)
         history_bytes = 0
         if manifest is not None and resume:
-            if manifest.monitor != self.monitor.name or manifest.mode != self.monitor.mode:
-                raise ValueError(
-                    f"cannot resume the run in {self.dirpath}: it monitors {manifest.monitor!r} "
-                    f"({manifest.mode}), this saver {self.monitor.name!r} ({self.monitor.mode}); "
-                    "use the same monitor and mode, or another directory"
-                )
+            self._check_monitors(manifest)
             history_bytes = self._restore(manifest)
             self._recover(manifest, history_bytes)
         elif manifest is not None and overwrite:
@@ -361,6 +436,15 @@ class BestSaver:
         self._taken = set(store.names())
         return history_bytes
 
+    def _check_monitors(self, manifest: Manifest) -> None:
+        theirs = manifest.monitors
+        ours = {m.name: m.mode for m in self.monitors}
+        if theirs != ours:
+            raise ValueError(
+                f"cannot resume the run in {self.dirpath}: it monitors {theirs}, this saver "
+                f"{ours}; use the same monitors and modes, or another directory"
+            )
+
     @staticmethod
     def _names_of(manifest: Manifest) -> list[str]:
         extension = str(manifest.policy.get("extension", ""))
@@ -374,7 +458,10 @@ class BestSaver:
 
     def _restore(self, manifest: Manifest) -> int:
         state = manifest.state
-        self._state = PolicyState.from_dict(state.get("policy", {}))
+        policies = state.get("policies", {})
+        self._states = {
+            m.name: PolicyState.from_dict(policies.get(m.name, {})) for m in self.monitors
+        }
         self._evaluations = int(state.get("evaluations", 0))
         self._last_epoch = state.get("last_epoch")
         self._warned = set(state.get("warned", []))
@@ -410,56 +497,75 @@ class BestSaver:
         *,
         step: int | None = None,
         write_last: Writer | Staged | None = None,
+        fields: Mapping[str, Any] | None = None,
     ) -> Decision:
         """Judge one evaluation and keep, evict and record as the policy decides.
 
         Args:
             epoch: The epoch just evaluated (0-based).
-            metrics: Everything logged at this evaluation; must hold the monitored metric.
+            metrics: Everything logged at this evaluation; must hold the monitored metric(s).
             write: Writes the checkpoint to the local path it is given, or a :class:`Staged`
                 writer whose ``capture`` runs now and ``serialize`` in the background. Used
                 only when a file is kept, at most once per evaluation.
             step: The global step, recorded with the evaluation.
             write_last: Writes the ``last`` checkpoint when it differs from ``write``'s (e.g. kept
                 files hold weights only); by default ``last`` holds what ``write`` writes.
+            fields: Extra values for the filename template, not recorded as metrics (an adapter
+                passes Keras's 1-based ``epoch`` and ``batch``).
 
         Raises:
-            MissingMetricError: the monitored metric is not in ``metrics``.
+            MissingMetricError: a monitored metric is not in ``metrics``.
             WriteError: an earlier background write failed (with ``on_write_error="raise"``).
         """
         self._check_worker()
         if self.writer and not self._locked:
             lock.acquire(self._store, self._run["id"])
             self._locked = True
-        if self.monitor.name not in metrics:
-            raise MissingMetricError(self.monitor.name, [str(k) for k in metrics])
-        score, reason = as_score(metrics[self.monitor.name])
-        if reason in ("nan", "inf", "not a number"):
-            self._warn_once(
-                reason,
-                f"{self.monitor.name} is {metrics[self.monitor.name]!r} at epoch {epoch}: "
-                "invalid scores are never best nor kept for their score",
-            )
+        raw = {m.name: self._score_of(m.name, metrics, epoch) for m in self.monitors}
+        secondary = self._secondary(metrics)
         ts, now = _now()
         clean = clean_metrics(metrics)
         id = self._evaluations
-        verdict, state = self.policy.decide(self._state, id, epoch, score)
-        base = self._record(epoch, step, score, clean, ts, now, id)
-        by_id = {r.id: r for r in self._kept if r.kind in _RANKED}
-        evicted = tuple(by_id[i] for i in verdict.evict if i in by_id)
+        verdicts, states = {}, {}
+        for name, policy in self.policies.items():
+            verdicts[name], states[name] = policy.decide(
+                self._states[name], id, epoch, raw[name], secondary
+            )
+        first = verdicts[self.monitor.name]
+        base = self._record(epoch, step, first.score, clean, ts, now, id)
+        evicted = tuple(
+            r
+            for r in self._kept
+            if r.kind in _RANKED and r.monitor in verdicts and r.id in verdicts[r.monitor].evict
+        )
         taken = self._taken - {n for r in evicted for n in self._files_of(r)}
-        fields = {
-            **clean,
-            "epoch": int(epoch),
-            "step": step,
-            "monitor": sanitize(self.monitor.name),
-            "score": score,
-        }
+        template = {**clean, "epoch": int(epoch), "step": step}
         new: list[Record] = []
-        if verdict.keep:
-            new.append(self._named(replace(base, kind=verdict.keep), fields, taken))
-        if verdict.periodic:
-            new.append(self._named(replace(base, kind="periodic"), fields, taken))
+        for m in self.monitors:
+            verdict = verdicts[m.name]
+            if verdict.keep:
+                record = replace(
+                    base,
+                    kind=verdict.keep,
+                    monitor=m.name,
+                    mode=m.mode,
+                    score=verdict.score,
+                    raw_score=raw[m.name],
+                )
+                new.append(
+                    self._named(
+                        record, {**template, **self._fields(m, verdict.score)}, fields, taken
+                    )
+                )
+        if first.periodic:
+            new.append(
+                self._named(
+                    replace(base, kind="periodic"),
+                    {**template, **self._fields(self.monitor, first.score)},
+                    fields,
+                    taken,
+                )
+            )
         last = (
             replace(base, kind="last", path=join(self.dirpath, "last" + self.extension))
             if self.save_last
@@ -467,22 +573,26 @@ class BestSaver:
         )
         if (new or last) and write is None:
             raise TypeError("step() must be given write= to save a checkpoint at this evaluation")
-
-        line = {
+        best_for = [name for name, v in verdicts.items() if v.is_best]
+        line: dict[str, Any] = {
             "epoch": base.epoch,
             "step": base.step,
             "time": base.time,
             "elapsed_s": base.elapsed_s,
-            "score": score,
+            "score": first.score,
+            "raw_score": raw[self.monitor.name],
             "metrics": clean,
             "decision": {
                 "saved": bool(new),
-                "is_best": verdict.is_best,
+                "is_best": first.is_best,
                 "kind": [r.kind for r in new],
                 "files": [r.name for r in new],
                 "evicted": [r.name for r in evicted],
             },
         }
+        if len(self.monitors) > 1:
+            line["scores"] = {name: v.score for name, v in verdicts.items()}
+            line["decision"]["best_for"] = best_for
         job = None
         if self.writer:
             job = Job(
@@ -492,14 +602,15 @@ class BestSaver:
                 job.files = self._capture(new, last, evicted, write, write_last)
             except Exception as e:
                 self._failed(e, roll_back=False)  # raises, or warns and skips this save
-                return Decision(False, False, None, score=score)
-        self._state = state
+                return Decision(False, False, None, score=first.score)
+        self._states = states
         self._evaluations += 1
         self._last_epoch = int(epoch)
         self._kept = [r for r in self._kept if r not in evicted] + new
         self._taken = taken | {n for r in new for n in self._files_of(r)}
         if last is not None:
             self._last = last
+        self._guard(metrics, raw)
         if job is not None:
             job.state = self._saver_state()
             best = self.best
@@ -507,14 +618,58 @@ class BestSaver:
             self._submit(job)
         ranked = next((r for r in new if r.kind in _RANKED), None)
         return Decision(
-            is_best=verdict.is_best,
+            is_best=first.is_best,
             saved=bool(new),
             record=self._committer.filled(ranked or new[0]) if new else None,
             evicted=evicted,
-            should_stop=verdict.should_stop,
-            score=score,
+            should_stop=self.should_stop,
+            score=first.score,
             records=tuple(self._committer.filled(r) for r in new),
+            best_for=tuple(best_for),
         )
+
+    def _score_of(self, name: str, metrics: Mapping[str, Any], epoch: int) -> float | None:
+        if name not in metrics:
+            raise MissingMetricError(name, [str(k) for k in metrics])
+        score, reason = as_score(metrics[name])
+        if reason in ("nan", "inf", "not a number"):
+            self._warn_once(
+                f"{reason}:{name}",
+                f"{name} is {metrics[name]!r} at epoch {epoch}: invalid scores are never best "
+                "nor kept for their score",
+            )
+        return score
+
+    def _secondary(self, metrics: Mapping[str, Any]) -> float | None:
+        tie = self.policy.tie_break
+        if tie is None:
+            return None
+        if tie.name not in metrics:
+            self._warn_once(
+                "tie_break",
+                f"tie_break metric {tie.name!r} is not logged; ties keep the "
+                f"incumbent. Logged: {sorted(map(str, metrics))}",
+            )
+            return None
+        return as_score(metrics[tie.name])[0]
+
+    @staticmethod
+    def _fields(monitor: Monitor, score: float | None) -> dict[str, Any]:
+        return {"monitor": sanitize(monitor.name), "score": score}
+
+    def _guard(self, metrics: Mapping[str, Any], raw: Mapping[str, float | None]) -> None:
+        if self._evaluations == 1:
+            for m in self.monitors:
+                for key, message in naming_warnings(m.name, [str(k) for k in metrics]):
+                    self._warn_once(f"{key}:{m.name}", message)
+        for m in self.monitors:
+            first = self._first_scores[m.name]
+            score = raw[m.name]
+            if score is not None and len(first) < CONSTANT_AFTER:
+                first.append(score)
+                warning = constant_warning(m.name, first)
+                if warning:
+                    self._warn_once(f"{warning[0]}:{m.name}", warning[1])
 
     def _record(
         self,
@@ -541,8 +696,14 @@ class BestSaver:
             id=id,
         )
 
-    def _named(self, record: Record, fields: dict[str, Any], taken: set[str]) -> Record:
-        stem = render(self.filename, fields)
+    def _named(
+        self,
+        record: Record,
+        values: dict[str, Any],
+        fields: Mapping[str, Any] | None,
+        taken: set[str],
+    ) -> Record:
+        stem = render(self.filename, {**values, **(fields or {})})
         if record.kind == "periodic":  # the same epoch may also be kept for its score
             stem += "-periodic"
         name = unique_name(stem, self.extension, taken)
@@ -660,7 +821,11 @@ class BestSaver:
 
     def _policy_dict(self) -> dict[str, Any]:
         p = self.policy
+        tie = p.tie_break
         return {
+            "smooth": list(p.smooth) if isinstance(p.smooth, tuple) else p.smooth,
+            "tie_break": [tie.name, tie.mode] if tie else None,
+            "warmup": p.warmup,
             "min_delta": self.monitor.min_delta,
             "top_k": p.top_k,
             "delta": p.delta,
@@ -693,15 +858,10 @@ class BestSaver:
             return None
         ts, now = _now()
         clean = clean_metrics(metrics or {})
-        fields = {
-            **clean,
-            "epoch": int(epoch),
-            "step": step,
-            "monitor": sanitize(self.monitor.name),
-            "score": None,
-        }
         name = unique_name(
-            render("exception-epoch={epoch:03d}", fields), self.extension, self._taken
+            render("exception-epoch={epoch:03d}", {"epoch": int(epoch)}),
+            self.extension,
+            self._taken,
         )
         record = replace(
             self._record(epoch, step, None, clean, ts, now, self._evaluations),
@@ -725,9 +885,14 @@ class BestSaver:
         if not quiet:
             self._check_worker()
 
+    def flush(self) -> None:
+        """Wait for pending writes and raise what a background write raised (or warn, with
+        ``on_write_error="warn"``). Every kept file is on disk and committed when it returns."""
+        self._flush()
+
     def close(self) -> None:
-        """Flush: wait for pending writes, raise what a background write raised, and tell
-        trackers the run's best. May be called more than once; the saver stays usable."""
+        """Flush, release the directory, and tell trackers the run's best. May be called more
+        than once; the saver stays usable (the next step takes the directory again)."""
         try:
             self._flush()
         finally:

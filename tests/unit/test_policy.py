@@ -216,7 +216,9 @@ def test_improvement_and_patience_match_brute_force(mode, md, p, seq):
     best, since = None, 0
     for score, verdict in zip(seq, verdicts):
         improved = score is not None and (
-            best is None or (score > best + md if mode == "max" else score < best - md)
+            # by more than md: a difference of exactly md (up to rounding) is a tie
+            best is None
+            or (score > best + md + 1e-9 if mode == "max" else score < best - md - 1e-9)
         )
         best = score if improved else best
         since = 0 if improved else since + 1

@@ -247,7 +247,7 @@ def test_resume_on_missing_or_empty_directory_starts_a_new_run(tmp_path):
 
 def test_resume_with_another_monitor_is_refused(tmp_path):
     drive(BestSaver(tmp_path, monitor="val_acc"), [0.5])
-    with pytest.raises(ValueError, match="monitors 'val_acc'"):
+    with pytest.raises(ValueError, match=r"monitors \{'val_acc': 'max'\}"):
         BestSaver(tmp_path, monitor="val_loss", resume=True)
 
 
@@ -387,3 +387,18 @@ def test_warnings_are_not_repeated_after_resume(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         drive(resumed, [float("nan")], start=1)
+
+
+def test_other_ranks_resume_read_only(tmp_path):
+    first = BestSaver(tmp_path, monitor="val_acc", patience=3)
+    drive(first, [0.5, 0.9, 0.8])
+    other = BestSaver(tmp_path, monitor="val_acc", patience=3, resume=True, writer=False)
+    assert other.best.epoch == 1 and other.evaluations == 3
+    assert other.step(3, {"val_acc": 0.7}).should_stop is False  # 2 without improvement
+    assert other.step(4, {"val_acc": 0.7}).should_stop
+
+
+def test_hyperparameters_that_json_cannot_hold_are_recorded_as_text(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc", hparams={"lr": float("nan"), "obj": object})
+    drive(saver, [0.5])
+    assert load_best(tmp_path).run["hparams"]["lr"] == "nan"
