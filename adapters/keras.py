@@ -1,0 +1,470 @@
+"""Keras 3: ``BestModelCheckpoint``, a drop-in superset of ``keras.callbacks.ModelCheckpoint``.
+
+It takes ModelCheckpoint's arguments with their meaning, on every Keras 3 backend (JAX, PyTorch,
+TensorFlow), and adds bestsave's: keep the ``top_k`` best or a ``delta`` ensemble, stop after
+``patience`` evaluations without improvement, ``restore_best_weights`` when ``fit`` ends, resume
+a run. Files are written atomically and each one comes with a record of its epoch's metrics.
+
+Example:
+    >>> import tempfile
+    >>> import keras, numpy as np
+    >>> from bestsave.adapters.keras import BestModelCheckpoint
+    >>> x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    >>> y = (x[:, :1] > 0).astype("float32")
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, "sigmoid")])
+    >>> model.compile("adam", "binary_crossentropy", metrics=["accuracy"])
+    >>> checkpoint = BestModelCheckpoint(
+    ...     tempfile.mkdtemp() + "/{epoch:02d}-{val_loss:.4f}.weights.h5",
+    ...     save_best_only=True, top_k=2, restore_best_weights=True,
+    ... )
+    >>> history = model.fit(x, y, validation_split=0.25, epochs=4, verbose=0,
+    ...                     callbacks=[checkpoint])
+    >>> len(checkpoint.kept), checkpoint.best_record.epoch == int(np.argmin(
+    ...     history.history["val_loss"]))
+    (2, True)
+"""
+
+from __future__ import annotations
+
+import os
+import string
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import keras
+from keras.src.utils.io_utils import print_msg
+
+from bestsave import BestSaver, Decision, MissingMetricError, Record, fetch
+from bestsave.monitor import Monitor, infer_mode
+from bestsave.naming import DEFAULT_TEMPLATE, check_template
+from bestsave.policy import Policy
+from bestsave.tracker import BestSaveWarning
+
+__all__ = ["BestModelCheckpoint"]
+
+_WEIGHTS = ".weights.h5"
+_MODEL = (".keras", ".h5")
+
+
+def _split_filepath(filepath: str, save_weights_only: bool) -> tuple[str, str, str]:
+    """``filepath`` as the saver's directory, file name template and extension.
+
+    A path ending in ``.keras``, ``.h5`` or ``.weights.h5`` is a template for the files; any
+    other path is the directory, and files get bestsave's default name. ``.weights.h5`` files
+    hold weights whatever ``save_weights_only`` says (Keras would write a legacy whole-model
+    file under that name, which ``load_weights`` cannot read).
+    """
+    wanted = _WEIGHTS if save_weights_only else ".keras"
+    if filepath.endswith(("/", os.sep)) or not filepath.endswith((_WEIGHTS, *_MODEL)):
+        return filepath, DEFAULT_TEMPLATE, wanted
+    if save_weights_only and not filepath.endswith(_WEIGHTS):
+        raise ValueError(
+            "When using `save_weights_only=True`, the filepath provided must end in "
+            f"`.weights.h5` (Keras weights format), or name a directory. Received: {filepath=}"
+        )
+    extension = _WEIGHTS if filepath.endswith(_WEIGHTS) else os.path.splitext(filepath)[1]
+    dirpath, name = os.path.split(filepath)
+    if "{" in dirpath:
+        raise ValueError(
+            f"{filepath=} has a field in its directory; bestsave keeps one run per directory, "
+            "so put fields such as {epoch} in the file name only."
+        )
+    return dirpath or os.curdir, name[: -len(extension)] or "checkpoint", extension
+
+
+def _fields(template: str) -> set[str]:
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field}
+
+
+def _is_writer() -> bool:
+    """Whether this process writes: process 0 of a multi-process (multi-host) run."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return int(jax.process_index()) == 0
+    if backend == "torch":
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.distribute.get_strategy().extended.should_checkpoint)
+    return True
+
+
+def _compiled_metrics(model: Any) -> list[Any]:
+    """The metrics given to ``compile``, flattened out of Keras's containers."""
+    found, pending = [], list(getattr(model, "metrics", []))
+    while pending:
+        metric = pending.pop(0)
+        inner = getattr(metric, "metrics", None)
+        if isinstance(inner, list):
+            pending.extend(inner)
+        else:
+            found.append(metric)
+    return found
+
+
+class BestModelCheckpoint(keras.callbacks.Callback):
+    """Callback to keep the best Keras models, or their weights, while ``fit`` trains.
+
+    A drop-in replacement for ``keras.callbacks.ModelCheckpoint``: the same arguments mean the
+    same thing, and bestsave's options (all keyword-only) choose what else to keep. Every file is
+    written under a temporary name and renamed into place, so a crash never leaves a half-written
+    best; beside it, a ``.json`` record holds the epoch's ``logs``, the learning rate, and the
+    model's name and parameter count. ``bestsave.json`` in the directory lists what is kept, so
+    ``bestsave.load_best(directory)`` finds the best file from another process.
+
+    Differences from ModelCheckpoint: ``monitor`` must be logged at every evaluation (Keras
+    warns and saves anyway); with ``save_best_only=False`` a name without ``{epoch}`` keeps every
+    epoch's file, with ``-v1``, ``-v2`` suffixes, where Keras overwrites one file; a file name
+    ending in ``.weights.h5`` always holds weights; ``initial_value_threshold`` also applies to
+    ``top_k`` and ``delta``.
+
+    Example:
+
+    ```python
+    checkpoint = BestModelCheckpoint(
+        "ckpt/{epoch:02d}-{val_auc:.4f}.weights.h5",
+        monitor="val_auc",
+        save_best_only=True,
+        top_k=3,                    # keep the three best, not only the latest best
+        restore_best_weights=True,  # the model ends fit with the best epoch's weights
+    )
+    model.fit(x, y, validation_data=(xv, yv), epochs=30, callbacks=[checkpoint])
+    checkpoint.best_record.metrics["val_auc"]   # the best epoch's logs
+    ```
+
+    Args:
+        filepath: string or `PathLike`: a file name template ending in `.keras` (whole model),
+            `.weights.h5` (weights) or `.h5` (legacy whole model), or a directory, where files
+            are named `epoch=003-val_loss=0.1234.keras`. The template may use `{epoch}`
+            (1-based, as Keras prints it), any key of `logs` (`{val_loss:.4f}`), `{batch}`
+            (1-based, with an integer `save_freq`), `{monitor}` and `{score}`. Its directory
+            holds one run: `bestsave.json`, `history.jsonl`, the kept files and their `.json`
+            records.
+        monitor: The metric name to monitor, as it appears in `logs` (`"val_loss"`,
+            `"val_accuracy"`, `"loss"`). It must be logged at every evaluation.
+        verbose: 0 is silent; 1 prints a message when the callback takes an action.
+        save_best_only: `True` keeps only the best (or, with bestsave's options, the `top_k`
+            best, the `delta` ensemble, periodic epochs). `False`, ModelCheckpoint's default,
+            keeps every evaluation with a valid score, unless `top_k`, `delta` or
+            `keep_every_n_epochs` is given, which then say what to keep.
+        save_weights_only: `True` saves `model.save_weights(path)`, else `model.save(path)`;
+            a `filepath` ending in `.weights.h5` implies it.
+        mode: `"min"`, `"max"` or `"auto"`: from the compiled metric's direction, then from the
+            name (`loss`, `error`, `mae`... are min; `acc`, `auc`, `f1`... are max). A name
+            neither tells raises `ValueError` asking for `mode`.
+        save_freq: `"epoch"`, or an integer: evaluate after this many training batches (with
+            the batch `logs`, which hold training metrics only).
+        initial_value_threshold: A score must beat this to be saved. A resumed run's best
+            replaces it.
+        top_k: Keep the k best; -1 every valid score; 0 none (only `history.jsonl`).
+        delta: Keep every checkpoint whose score is within `delta` of the best.
+        min_delta: An improvement must beat the best by more than this.
+        keep_every_n_epochs: Also keep every n-th epoch, whatever its score.
+        patience: Evaluations without improvement before `model.stop_training` is set.
+        restore_best_weights: Load the best checkpoint's weights into the model when `fit` ends
+            (the optimizer keeps its state, as with `EarlyStopping`).
+        trackers: `"auto"` (a W&B or MLflow run already active), `"wandb"`, `"mlflow"`, or
+            objects with `on_save`/`on_evict`/`on_end`; they get the best epoch's record.
+        resume: Continue the run whose `bestsave.json` is in the directory: its best score,
+            kept files and patience count carry over (a new run when there is none). Use it
+            with `keras.callbacks.BackupAndRestore` to resume the training state too.
+        overwrite: Delete the files of the run in the directory, then start afresh.
+        async_write: Passed to `bestsave.BestSaver`. Keras saves from the live model, so files
+            are written before the callback returns either way.
+        on_write_error: `"raise"` stops training with the write's error; `"warn"` trains on.
+        storage_options: Passed to fsspec when `filepath` is a URL (`s3://bucket/run/`).
+    """
+
+    def __init__(
+        self,
+        filepath: str | os.PathLike[str],
+        monitor: str = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        mode: Literal["auto", "min", "max"] = "auto",
+        save_freq: int | Literal["epoch"] = "epoch",
+        initial_value_threshold: float | None = None,
+        *,
+        top_k: int | None = None,
+        delta: float | None = None,
+        min_delta: float = 0.0,
+        keep_every_n_epochs: int | None = None,
+        patience: int | None = None,
+        restore_best_weights: bool = False,
+        trackers: str | Iterable[Any] = "auto",
+        resume: bool = False,
+        overwrite: bool = False,
+        async_write: bool = True,
+        on_write_error: Literal["raise", "warn"] = "raise",
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.filepath = os.fspath(filepath)
+        self.monitor = monitor
+        self.verbose = verbose
+        self.save_best_only = save_best_only
+        self.mode = mode
+        self.save_freq = save_freq
+        self.initial_value_threshold = initial_value_threshold
+        self.restore_best_weights = restore_best_weights
+
+        if save_freq != "epoch" and (
+            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
+        ):
+            raise ValueError(
+                f"Unrecognized {save_freq=}. Expected 'epoch' or a number of batches >= 1."
+            )
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"{mode=} is unknown: pass 'min', 'max' or 'auto'.")
+        if on_write_error not in ("raise", "warn"):
+            raise ValueError(f"on_write_error must be 'raise' or 'warn', not {on_write_error!r}")
+        self.dirpath, self._template, self._extension = _split_filepath(
+            self.filepath, save_weights_only
+        )
+        self.save_weights_only: bool = self._extension == _WEIGHTS
+        check_template(self._template)
+        if "batch" in _fields(self._template) and save_freq == "epoch":
+            raise ValueError(
+                f"filepath {self.filepath!r} uses {{batch}}, which exists only when save_freq "
+                "is a number of batches; remove it or set save_freq."
+            )
+
+        # ModelCheckpoint saves at every evaluation unless save_best_only; bestsave's own
+        # options, when given, say what to keep instead.
+        every_evaluation = not save_best_only and all(
+            option is None for option in (top_k, delta, keep_every_n_epochs)
+        )
+        self._options: dict[str, Any] = dict(
+            min_delta=min_delta,
+            top_k=-1 if every_evaluation else top_k,
+            delta=delta,
+            keep_every_n_epochs=keep_every_n_epochs,
+            patience=patience,
+            resume=resume,
+            overwrite=overwrite,
+            trackers=trackers,
+            # Keras applies the threshold to save_best_only alone.
+            baseline=None if every_evaluation else initial_value_threshold,
+            async_write=async_write,
+            on_write_error=on_write_error,
+            storage_options=storage_options,
+        )
+        # The direction is resolved once the model is known; these checks do not depend on it.
+        Policy(
+            Monitor(monitor, "max", min_delta),
+            top_k=top_k,
+            delta=delta,
+            keep_every_n_epochs=keep_every_n_epochs,
+            patience=patience,
+            baseline=initial_value_threshold,
+        )
+        self.saver: BestSaver | None = None
+        self._current_epoch = 0
+        self._batches_seen_since_last_saving = 0
+        self._last_batch_seen: int | None = None
+
+    # -- what is kept -----------------------------------------------------------------------
+
+    @property
+    def best(self) -> float | None:
+        """The best value of ``monitor`` so far (ModelCheckpoint's ``best``)."""
+        score = self.saver.best_score if self.saver is not None else None
+        return self.initial_value_threshold if score is None else score
+
+    @property
+    def best_record(self) -> Record | None:
+        """The record of the best checkpoint kept: ``.path``, ``.epoch`` (0-based), ``.metrics``."""
+        return self.saver.best if self.saver is not None else None
+
+    @property
+    def kept(self) -> list[Record]:
+        """Records of the checkpoints kept now, best first."""
+        return self.saver.kept if self.saver is not None else []
+
+    # -- fit --------------------------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        # Created here, not in __init__: mode="auto" asks the compiled metrics, and a later
+        # fit() with the same callback continues the same run, as ModelCheckpoint's best does.
+        if self.saver is None:
+            self.saver = BestSaver(
+                self.dirpath,
+                self.monitor,
+                mode=self._resolve_mode(),
+                filename=self._template,
+                extension=self._extension,
+                writer=_is_writer(),
+                framework="keras",
+                hparams=self._hparams(),
+                **self._options,
+            )
+        self._batches_seen_since_last_saving = 0
+        self._last_batch_seen = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._current_epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._should_save_on_batch(batch):
+            self._evaluate(self._current_epoch, logs or {}, batch)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.save_freq == "epoch":
+            self._evaluate(epoch, logs or {}, None)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        assert self.saver is not None
+        self.saver.close()
+        if self.restore_best_weights:
+            self._restore_best()
+
+    # -- one evaluation -----------------------------------------------------------------------
+
+    def _should_save_on_batch(self, batch: int) -> bool:
+        """Counts batches as ModelCheckpoint does, steps_per_execution included."""
+        if self.save_freq == "epoch":
+            return False
+        if self._last_batch_seen is None or batch <= self._last_batch_seen:
+            add_batches = batch + 1  # a new epoch; batches are zero-indexed
+        else:
+            add_batches = batch - self._last_batch_seen
+        self._batches_seen_since_last_saving += add_batches
+        self._last_batch_seen = batch
+        if self._batches_seen_since_last_saving >= self.save_freq:
+            self._batches_seen_since_last_saving = 0
+            return True
+        return False
+
+    def _evaluate(self, epoch: int, logs: Mapping[str, Any], batch: int | None) -> Decision:
+        saver = self.saver
+        assert saver is not None, "fit() calls on_train_begin first"
+        metrics = self._metrics(logs)
+        if self.monitor not in metrics:
+            raise self._missing_monitor(metrics, batch)
+        previous = saver.best_score
+        decision = saver.step(
+            epoch,
+            metrics,
+            write=self._write,
+            step=self._global_step(),
+            fields=self._keras_numbers(epoch, batch),
+        )
+        if self.verbose > 0:
+            self._report(epoch, previous, decision)
+        if decision.should_stop:
+            self.model.stop_training = True
+        return decision
+
+    def _metrics(self, logs: Mapping[str, Any]) -> dict[str, Any]:
+        metrics = dict(logs)
+        optimizer = self.model.optimizer
+        if optimizer is not None and "learning_rate" not in metrics:
+            metrics["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        return metrics
+
+    def _missing_monitor(self, metrics: Mapping[str, Any], batch: int | None) -> Exception:
+        error = MissingMetricError(self.monitor, list(metrics))
+        if batch is not None:
+            error.message += (
+                " With save_freq a number of batches, the callback sees each batch's logs, "
+                "which hold training metrics only."
+            )
+        elif self.monitor.startswith("val_") and not any(k.startswith("val_") for k in metrics):
+            error.message += (
+                " Validation metrics are logged only when fit() is given validation_data or "
+                "validation_split."
+            )
+        return error
+
+    @staticmethod
+    def _keras_numbers(epoch: int, batch: int | None) -> dict[str, int]:
+        """``{epoch}`` and ``{batch}`` in file names count from 1, as Keras prints them."""
+        fields = {"epoch": epoch + 1}
+        if batch is not None:
+            fields["batch"] = batch + 1
+        return fields
+
+    def _global_step(self) -> int | None:
+        optimizer = self.model.optimizer
+        if optimizer is None:
+            return None
+        return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+    def _write(self, path: str) -> None:
+        # `path` ends with the kept file's name, so Keras sees the extension it checks for.
+        if self.save_weights_only:
+            self.model.save_weights(path, overwrite=True)
+        else:
+            self.model.save(path, overwrite=True)
+
+    def _report(self, epoch: int, previous: float | None, decision: Decision) -> None:
+        where = f"\nEpoch {epoch + 1}"
+        best_str = "None" if previous is None else f"{previous:.5f}"
+        path = decision.record.path if decision.record is not None else None
+        if decision.score is None:
+            message = f"{self.monitor} is not a valid score"
+        elif decision.is_best:
+            message = f"{self.monitor} improved from {best_str} to {decision.score:.5f}"
+        else:
+            message = f"{self.monitor} did not improve from {best_str}"
+        if path is not None:
+            message += f", saving model to {path}"
+        print_msg(f"{where}: {message}")
+        for record in decision.evicted:
+            print_msg(f"{where}: removed {record.path}")
+        if decision.should_stop:
+            print_msg(f"{where}: early stopping, {self.monitor} stopped improving")
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _resolve_mode(self) -> str:
+        """ModelCheckpoint's order: the compiled metric's direction, then the name."""
+        if self.mode != "auto":
+            return self.mode
+        name = self.monitor.removeprefix("val_")
+        for metric in _compiled_metrics(self.model):
+            direction = getattr(metric, "_direction", None)
+            if metric.name == name and direction in ("up", "down"):
+                return "max" if direction == "up" else "min"
+        return infer_mode(self.monitor)
+
+    def _hparams(self) -> dict[str, Any]:
+        model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        return {
+            "model_name": model.name,
+            "params": int(model.count_params()),
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+            "epochs": (self.params or {}).get("epochs"),
+            "steps_per_epoch": (self.params or {}).get("steps"),
+            "save_weights_only": self.save_weights_only,
+        }
+
+    def _restore_best(self) -> None:
+        best = self.best_record
+        if best is None:
+            warnings.warn(
+                f"restore_best_weights: no checkpoint was kept in {self.dirpath} (no valid "
+                f"{self.monitor}, or none beat initial_value_threshold); the model keeps the "
+                "weights of its last epoch",
+                BestSaveWarning,
+                stacklevel=2,
+            )
+            return
+        if self.verbose > 0:
+            print_msg(f"Restoring model weights from the end of the best epoch: {best.epoch + 1}.")
+        model = self.model
+        # load_weights also loads the optimizer saved beside the weights; keep the current one,
+        # as EarlyStopping(restore_best_weights=True) does.
+        optimizer_variables = list(getattr(model.optimizer, "variables", []))
+        optimizer_state = [keras.ops.convert_to_numpy(v) for v in optimizer_variables]
+        model.load_weights(fetch(best, **dict(self._options["storage_options"] or {})))
+        for variable, value in zip(optimizer_variables, optimizer_state, strict=True):
+            variable.assign(value)
