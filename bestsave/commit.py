@@ -165,8 +165,9 @@ class Committer:
             return record
         return replace(record, bytes=digest[0], sha256=digest[1])
 
-    def run(self, job: Job) -> list[Record]:
-        """Make ``job`` durable; returns the records of the files it wrote."""
+    def run(self, job: Job) -> tuple[list[Record], list[Record]]:
+        """Make ``job`` durable; returns the records of the files it wrote and of those it
+        deleted, with their sizes and checksums."""
         store = self.store
         pending: dict[str, str] = {}
         try:
@@ -228,6 +229,7 @@ class Committer:
         )
         store.write_text(MANIFEST, manifest.to_json())
         written = [self.filled(f.record) for f in job.files]
+        evicted = [self.filled(r) for r in job.evict]
         for name, tmp in pending.items():
             store.rename(tmp, name)
         for r in written:
@@ -240,7 +242,7 @@ class Committer:
             if r.name not in reused:
                 self.digests.pop(r.name, None)
         self.committed = state
-        return written
+        return written, evicted
 
 
 def sidecar_text(record: Record) -> str:

@@ -783,13 +783,13 @@ class BestSaver:
 
     def _run_job(self, job: Job, raise_now: bool) -> None:
         try:
-            written = self._committer.run(job)
+            written, evicted = self._committer.run(job)
         except BaseException as e:
             if raise_now:
                 self._failed(e)
                 return
             raise
-        for r in job.evict:
+        for r in evicted:
             notify(self.trackers, "on_evict", r)
         for r in written:
             if r.kind != "last":

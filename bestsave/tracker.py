@@ -15,7 +15,13 @@ class BestSaveWarning(UserWarning):
 
 @runtime_checkable
 class Tracker(Protocol):
-    """Anything with these three methods can follow a saver (``trackers=[obj]``)."""
+    """Anything with these three methods can follow a saver (``trackers=[obj]``).
+
+    They are called after the files are committed: with background writes, ``on_save`` and
+    ``on_evict`` run in the saver's writer thread, ``on_end`` in the thread that calls
+    ``close()``. A tracker that needs thread-local state (MLflow's active run) binds it when
+    the saver is built.
+    """
 
     def on_save(self, record: Record, path: str) -> None:
         """A checkpoint was kept; ``path`` is its file."""

@@ -13,10 +13,11 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from bestsave.adapters.torch import TorchCheckpointer
 from sklearn.datasets import make_classification
 from sklearn.model_selection import train_test_split
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
+
+from bestsave.adapters.torch import TorchCheckpointer
 
 
 def make_data(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

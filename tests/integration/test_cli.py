@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import torch
-from bestsave.adapters.torch import TorchCheckpointer
 
 from bestsave import load_manifest
+from bestsave.adapters.torch import TorchCheckpointer
 from bestsave.cli import main
 from bestsave.store import TMP_PREFIX
 

@@ -20,9 +20,8 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
 
-from bestsave.adapters.keras import BestModelCheckpoint
-
 from bestsave import MissingMetricError, RunExistsError, load_best, load_manifest
+from bestsave.adapters.keras import BestModelCheckpoint
 
 BACKENDS = ("torch", "jax")
 CHILD = "BESTSAVE_KERAS_BACKEND_RUN"

@@ -20,11 +20,11 @@ import pytest
 torch = pytest.importorskip("torch")
 L = pytest.importorskip("lightning")
 
-from bestsave.adapters.lightning import BestCheckpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from bestsave import BestSaveWarning, MissingMetricError, RunExistsError, load_manifest
+from bestsave.adapters.lightning import BestCheckpoint
 
 DATA = Path(__file__).parent / "data" / "lightning"
 sys.path.insert(0, str(DATA))

@@ -20,9 +20,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from bestsave.adapters.torch import TorchCheckpointer
 
 from bestsave import BestSaver, ChecksumError, load_manifest
+from bestsave.adapters.torch import TorchCheckpointer
 from bestsave.cli import main
 from bestsave.soup import average, members, soup
 

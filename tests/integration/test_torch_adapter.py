@@ -10,9 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bestsave.adapters.torch import TorchCheckpointer
-
 from bestsave import load_best, load_manifest
+from bestsave.adapters.torch import TorchCheckpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "examples"))

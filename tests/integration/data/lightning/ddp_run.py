@@ -18,10 +18,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from bestsave.adapters.lightning import BestCheckpoint
 from lightning.fabric.plugins.io import torch_io
 from lightning.pytorch.strategies import DDPStrategy
 from lightning_scripted import ScriptedModel
+
+from bestsave.adapters.lightning import BestCheckpoint
 
 SCRIPT = [0.3, 0.7, 0.5, 0.72, 0.6, 0.65, 0.69, 0.9]
 OPTIONS: dict[str, Any] = dict(
