@@ -39,10 +39,7 @@ def tests(session: nox.Session) -> None:
         "-p",
         "no:cacheprovider",
         "--doctest-modules",
-        "bestsave",
-        "adapters",
-        "tests",
-        *session.posargs,
+        *(session.posargs or ["bestsave", "adapters", "tests"]),
         env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "KERAS_BACKEND": "torch"},
     )
 
