@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import string
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import keras
@@ -38,7 +38,7 @@ from keras.src.utils.io_utils import print_msg
 from bestsave import BestSaver, Decision, MissingMetricError, Record, fetch
 from bestsave.monitor import Monitor, infer_mode
 from bestsave.naming import DEFAULT_TEMPLATE, check_template
-from bestsave.policy import Policy
+from bestsave.policy import Policy, Smooth
 from bestsave.tracker import BestSaveWarning
 
 __all__ = ["BestModelCheckpoint"]
@@ -147,7 +147,8 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             holds one run: `bestsave.json`, `history.jsonl`, the kept files and their `.json`
             records.
         monitor: The metric name to monitor, as it appears in `logs` (`"val_loss"`,
-            `"val_accuracy"`, `"loss"`). It must be logged at every evaluation.
+            `"val_accuracy"`, `"loss"`). It must be logged at every evaluation. A list keeps a
+            best (or top-k) for each metric; `best` and `restore_best_weights` follow the first.
         verbose: 0 is silent; 1 prints a message when the callback takes an action.
         save_best_only: `True` keeps only the best (or, with bestsave's options, the `top_k`
             best, the `delta` ensemble, periodic epochs). `False`, ModelCheckpoint's default,
@@ -167,6 +168,9 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         min_delta: An improvement must beat the best by more than this.
         keep_every_n_epochs: Also keep every n-th epoch, whatever its score.
         patience: Evaluations without improvement before `model.stop_training` is set.
+        smooth: Judge on a smoothed score: `N` (mean of the last N) or `("ema", alpha)`.
+        tie_break: A metric (or `(name, mode)`) that decides ties within `min_delta`.
+        warmup: Epochs before this are never best nor kept for their score.
         restore_best_weights: Load the best checkpoint's weights into the model when `fit` ends
             (the optimizer keeps its state, as with `EarlyStopping`).
         trackers: `"auto"` (a W&B or MLflow run already active), `"wandb"`, `"mlflow"`, or
@@ -184,7 +188,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     def __init__(
         self,
         filepath: str | os.PathLike[str],
-        monitor: str = "val_loss",
+        monitor: str | Sequence[str] = "val_loss",
         verbose: int = 0,
         save_best_only: bool = False,
         save_weights_only: bool = False,
@@ -198,6 +202,9 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         keep_every_n_epochs: int | None = None,
         patience: int | None = None,
         restore_best_weights: bool = False,
+        smooth: Smooth = None,
+        tie_break: str | tuple[str, str] | None = None,
+        warmup: int = 0,
         trackers: str | Iterable[Any] = "auto",
         resume: bool = False,
         overwrite: bool = False,
@@ -207,7 +214,11 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     ) -> None:
         super().__init__()
         self.filepath = os.fspath(filepath)
-        self.monitor = monitor
+        # Several monitors each keep their best; `monitor` and `best` follow the first.
+        self.monitors = [monitor] if isinstance(monitor, str) else list(monitor)
+        if not self.monitors:
+            raise ValueError("monitor must name a logged metric, or list several")
+        self.monitor = self.monitors[0]
         self.verbose = verbose
         self.save_best_only = save_best_only
         self.mode = mode
@@ -252,13 +263,16 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             trackers=trackers,
             # Keras applies the threshold to save_best_only alone.
             baseline=None if every_evaluation else initial_value_threshold,
+            smooth=smooth,
+            tie_break=tie_break,
+            warmup=warmup,
             async_write=async_write,
             on_write_error=on_write_error,
             storage_options=storage_options,
         )
         # The direction is resolved once the model is known; these checks do not depend on it.
         Policy(
-            Monitor(monitor, "max", min_delta),
+            Monitor(self.monitor, "max", min_delta),
             top_k=top_k,
             delta=delta,
             keep_every_n_epochs=keep_every_n_epochs,
@@ -296,8 +310,8 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         if self.saver is None:
             self.saver = BestSaver(
                 self.dirpath,
-                self.monitor,
-                mode=self._resolve_mode(),
+                self.monitors,
+                mode=[self._resolve_mode(name) for name in self.monitors],
                 filename=self._template,
                 extension=self._extension,
                 writer=_is_writer(),
@@ -346,8 +360,9 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         saver = self.saver
         assert saver is not None, "fit() calls on_train_begin first"
         metrics = self._metrics(logs)
-        if self.monitor not in metrics:
-            raise self._missing_monitor(metrics, batch)
+        missing = next((m for m in self.monitors if m not in metrics), None)
+        if missing is not None:
+            raise self._missing_monitor(missing, metrics, batch)
         previous = saver.best_score
         decision = saver.step(
             epoch,
@@ -369,14 +384,16 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             metrics["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
         return metrics
 
-    def _missing_monitor(self, metrics: Mapping[str, Any], batch: int | None) -> Exception:
-        error = MissingMetricError(self.monitor, list(metrics))
+    def _missing_monitor(
+        self, monitor: str, metrics: Mapping[str, Any], batch: int | None
+    ) -> Exception:
+        error = MissingMetricError(monitor, list(metrics))
         if batch is not None:
             error.message += (
                 " With save_freq a number of batches, the callback sees each batch's logs, "
                 "which hold training metrics only."
             )
-        elif self.monitor.startswith("val_") and not any(k.startswith("val_") for k in metrics):
+        elif monitor.startswith("val_") and not any(k.startswith("val_") for k in metrics):
             error.message += (
                 " Validation metrics are logged only when fit() is given validation_data or "
                 "validation_split."
@@ -424,16 +441,17 @@ class BestModelCheckpoint(keras.callbacks.Callback):
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _resolve_mode(self) -> str:
-        """ModelCheckpoint's order: the compiled metric's direction, then the name."""
-        if self.mode != "auto":
+    def _resolve_mode(self, monitor: str) -> str:
+        """ModelCheckpoint's order: the compiled metric's direction, then the name. A given
+        `mode` is the first monitor's."""
+        if self.mode != "auto" and monitor == self.monitor:
             return self.mode
-        name = self.monitor.removeprefix("val_")
+        name = monitor.removeprefix("val_")
         for metric in _compiled_metrics(self.model):
             direction = getattr(metric, "_direction", None)
             if metric.name == name and direction in ("up", "down"):
                 return "max" if direction == "up" else "min"
-        return infer_mode(self.monitor)
+        return infer_mode(monitor)
 
     def _hparams(self) -> dict[str, Any]:
         model = self.model

@@ -43,7 +43,7 @@ from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged
 from bestsave.metrics import as_number
 from bestsave.monitor import Monitor, resolve_mode
 from bestsave.naming import check_template, sanitize
-from bestsave.policy import Policy
+from bestsave.policy import Policy, Smooth
 from bestsave.saver import Writer
 from bestsave.staging import Snapshot, Stager
 
@@ -74,7 +74,8 @@ class BestCheckpoint(ModelCheckpoint):
         filename: File name template, as in Lightning: ``"{epoch}-{val_loss:.2f}"`` (metric
             names with ``/`` work and never make folders). Default ``"{epoch}-{step}"``.
         monitor: The logged metric that decides. ``None`` keeps the latest checkpoints, as
-            ``ModelCheckpoint`` does.
+            ``ModelCheckpoint`` does. A list keeps a best (or top-k) for each metric in one
+            directory; ``best_model_path`` and the other attributes follow the first.
         verbose: Log every evaluation's outcome, in Lightning's words.
         save_last: ``True`` or ``"link"``: a rolling ``last.ckpt`` with the full training state,
             written at every evaluation (a hard link to a kept file holding the same state).
@@ -105,6 +106,9 @@ class BestCheckpoint(ModelCheckpoint):
         trackers: ``"auto"`` (a W&B or MLflow run already active, e.g. a ``WandbLogger``'s),
             ``"wandb"``, ``"mlflow"``, or tracker objects told of every kept checkpoint.
         baseline: A score must beat this to be best or kept.
+        smooth: Judge on a smoothed score: ``N`` (mean of the last N) or ``("ema", alpha)``.
+        tie_break: A metric (or ``(name, mode)``) that decides ties within ``min_delta``.
+        warmup: Epochs before this are never best nor kept for their score.
         async_write: Write checkpoints in a background thread where the strategy allows.
         on_write_error: ``"raise"`` stops training with a write's error; ``"warn"`` trains on.
         storage_options: fsspec options for a remote ``dirpath``.
@@ -126,7 +130,7 @@ class BestCheckpoint(ModelCheckpoint):
         self,
         dirpath: str | Path | None = None,
         filename: str | None = None,
-        monitor: str | None = None,
+        monitor: str | Sequence[str] | None = None,
         verbose: bool = False,
         save_last: bool | Literal["link"] | None = None,
         save_top_k: int | None = None,
@@ -148,6 +152,9 @@ class BestCheckpoint(ModelCheckpoint):
         overwrite: bool = False,
         trackers: str | Sequence[Any] = "auto",
         baseline: float | None = None,
+        smooth: Smooth = None,
+        tie_break: str | tuple[str, str] | None = None,
+        warmup: int = 0,
         async_write: bool = True,
         on_write_error: Literal["raise", "warn"] = "raise",
         storage_options: dict[str, Any] | None = None,
@@ -158,12 +165,20 @@ class BestCheckpoint(ModelCheckpoint):
             raise ValueError(f"save_top_k must be an int >= -1 or None, not {save_top_k!r}")
         # Without a monitor, ModelCheckpoint keeps the latest checkpoints: the same as monitoring
         # the global step, higher is better.
-        self._monitor_name = monitor if monitor is not None else "step"
-        resolved_mode = "max" if monitor is None else resolve_mode(monitor, mode)
+        # Several monitors each keep their best; Lightning's attributes follow the first.
+        self._monitors = (
+            ["step"]
+            if monitor is None
+            else [monitor]
+            if isinstance(monitor, str)
+            else list(monitor)
+        )
+        self._monitor_name = self._monitors[0]
+        resolved_mode = "max" if monitor is None else resolve_mode(self._monitor_name, mode)
         super().__init__(
             dirpath=dirpath,
             filename=filename,
-            monitor=monitor,
+            monitor=None if monitor is None else self._monitor_name,
             verbose=verbose,
             save_last=save_last,
             save_top_k=_lightning_top_k(save_top_k, delta),
@@ -185,6 +200,9 @@ class BestCheckpoint(ModelCheckpoint):
             keep_every_n_epochs,
             patience,
             baseline,
+            smooth,
+            None if tie_break is None else _tie_monitor(tie_break),
+            warmup,
         )
         self._template = self._bestsave_template(filename or "{epoch}-{step}")
         check_template(self._template)
@@ -203,6 +221,9 @@ class BestCheckpoint(ModelCheckpoint):
         self.overwrite = overwrite
         self.trackers = trackers if isinstance(trackers, str) else list(trackers)
         self.baseline = baseline
+        self.smooth = smooth
+        self.tie_break = tie_break
+        self.warmup = warmup
         self.async_write = async_write
         self.on_write_error = on_write_error
         self.storage_options = dict(storage_options or {})
@@ -304,8 +325,8 @@ class BestCheckpoint(ModelCheckpoint):
         try:
             saver = BestSaver(
                 os.fspath(self.dirpath or ""),
-                self._monitor_name,
-                mode=self.mode,
+                self._monitors,
+                mode=self.mode if len(self._monitors) == 1 else _modes(self._monitors, self.mode),
                 min_delta=self.min_delta,
                 top_k=self._policy.top_k,
                 delta=self.delta,
@@ -317,6 +338,9 @@ class BestCheckpoint(ModelCheckpoint):
                 overwrite=self.overwrite,
                 trackers=self.trackers,
                 baseline=self.baseline,
+                smooth=self.smooth,
+                tie_break=self.tie_break,
+                warmup=self.warmup,
                 async_write=self.async_write and not _uploads_every_save(trainer),
                 on_write_error=self.on_write_error,
                 extension=self.FILE_EXTENSION,
@@ -504,7 +528,8 @@ class BestCheckpoint(ModelCheckpoint):
         if trainer.world_size > 1:
             # Every rank judges rank 0's values: unsynced logging must not split decisions.
             metrics = trainer.strategy.broadcast(metrics)
-        if self._monitor_name not in metrics:
+        missing = next((m for m in self._monitors if m not in metrics), None)
+        if missing is not None:
             if not trainer.fit_loop.epoch_loop.val_loop._has_run:
                 # As ModelCheckpoint: before any validation, a validation metric may be missing.
                 _warning_cache.warn(
@@ -513,7 +538,7 @@ class BestCheckpoint(ModelCheckpoint):
                     "this time."
                 )
                 return
-            raise MissingMetricError(self._monitor_name, list(metrics))
+            raise MissingMetricError(missing, list(metrics))
 
         epoch, step = trainer.current_epoch, trainer.global_step
         write = self._writer(trainer, self.save_weights_only, announce=True)
@@ -644,6 +669,16 @@ class BestCheckpoint(ModelCheckpoint):
     def saver(self) -> BestSaver | None:
         """The :class:`bestsave.BestSaver` making the decisions, once training has started."""
         return self._saver
+
+
+def _tie_monitor(tie_break: str | tuple[str, str]) -> Monitor:
+    name, mode = (tie_break, "auto") if isinstance(tie_break, str) else tie_break
+    return Monitor(name, resolve_mode(name, mode))
+
+
+def _modes(monitors: Sequence[str], mode: str) -> list[str]:
+    """One mode per monitor: the given one for the first, the others from their names."""
+    return [mode] + ["auto"] * (len(monitors) - 1)
 
 
 def _lightning_top_k(save_top_k: int | None, delta: float | None) -> int:

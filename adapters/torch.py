@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, Literal
 
@@ -29,6 +29,7 @@ import torch
 
 from bestsave import BestSaver, Decision, Record, Staged, fetch, load_manifest
 from bestsave.naming import DEFAULT_TEMPLATE
+from bestsave.policy import Smooth
 from bestsave.staging import Stager
 from bestsave.tracker import BestSaveWarning
 
@@ -49,7 +50,8 @@ def global_rank() -> int:
 class TorchCheckpointer:
     """Keeps the best checkpoints of a plain PyTorch loop.
 
-    Accepts every :class:`bestsave.BestSaver` option, plus:
+    Accepts every :class:`bestsave.BestSaver` option (several monitors, ``smooth``,
+    ``tie_break``, ``warmup`` included), plus:
 
     Args:
         save_weights_only: Kept files hold the model's ``state_dict`` alone; ``last`` still holds
@@ -71,8 +73,8 @@ class TorchCheckpointer:
     def __init__(
         self,
         dirpath: str | os.PathLike[str],
-        monitor: str,
-        mode: Literal["min", "max", "auto"] | str = "auto",
+        monitor: str | Sequence[str],
+        mode: str | Sequence[str] = "auto",
         min_delta: float = 0.0,
         top_k: int | None = None,
         delta: float | None = None,
@@ -84,6 +86,9 @@ class TorchCheckpointer:
         overwrite: bool = False,
         trackers: str | Iterable[Any] = "auto",
         *,
+        smooth: Smooth = None,
+        tie_break: str | tuple[str, str] | None = None,
+        warmup: int = 0,
         save_weights_only: bool = False,
         format: Literal["torch", "safetensors"] = "torch",
         async_write: bool = True,
@@ -120,6 +125,9 @@ class TorchCheckpointer:
             resume=resume,
             overwrite=overwrite,
             trackers=trackers,
+            smooth=smooth,
+            tie_break=tie_break,
+            warmup=warmup,
             async_write=async_write,
             on_write_error=on_write_error,
             extension=self.extension,
@@ -140,6 +148,10 @@ class TorchCheckpointer:
     @property
     def best(self) -> Record | None:
         return self.saver.best
+
+    def best_for(self, monitor: str) -> Record | None:
+        """The best checkpoint by one of several monitors."""
+        return self.saver.best_for(monitor)
 
     @property
     def kept(self) -> list[Record]:

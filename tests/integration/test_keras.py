@@ -508,6 +508,34 @@ def test_a_fixed_file_name_holds_the_latest_best(tmp_path):
 # -- the other backends -------------------------------------------------------------------------
 
 
+def test_smooth_ignores_a_one_epoch_spike(tmp_path):
+    script = Script([0.2, 0.9, 0.3, 0.6, 0.7])  # smoothed: 0.2, 0.55, 0.6, 0.45, 0.65
+    checkpoint = BestModelCheckpoint(
+        tmp_path / "{epoch:02d}.weights.h5", monitor="val_score", save_best_only=True, smooth=2
+    )
+    fit(make_model(), [script, checkpoint], epochs=5)
+    best = checkpoint.best_record
+    assert best.epoch == 4 and best.raw_score == pytest.approx(0.7)
+    assert checkpoints(tmp_path) == ["05.weights.h5"]
+    assert_same_weights(load_weights(best.path), script.weights[4])
+
+
+def test_several_monitors_keep_a_best_for_each(tmp_path):
+    script = Script([0.2, 0.6, 0.4])
+    checkpoint = BestModelCheckpoint(
+        tmp_path, monitor=["val_score", "val_loss"], save_best_only=True
+    )
+    fit(make_model(), [script, checkpoint], epochs=3)
+    manifest = load_manifest(tmp_path)
+    assert checkpoint.best_record.epoch == 1 and manifest.best.monitor == "val_score"
+    by_loss = manifest.best_for("val_loss")
+    losses = [
+        json.loads(line)["metrics"]["val_loss"]
+        for line in (tmp_path / "history.jsonl").read_text().splitlines()
+    ]
+    assert by_loss.epoch == losses.index(min(losses))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_on_other_backends(backend):
     """Every test above, on ``backend``, in a fresh interpreter (the backend is fixed at import)."""

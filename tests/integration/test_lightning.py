@@ -498,3 +498,26 @@ def test_ddp_writes_on_one_process_and_keeps_what_one_process_keeps(tmp_path, ki
     assert rank0["epochs_run"] == trainer.current_epoch  # patience stopped both at epoch 6
     assert os.path.basename(rank0["best_model_path"]) == os.path.basename(single.best_model_path)
     assert load_manifest(ddp_dir).best.epoch == 3
+
+
+# -- choosing better: smoothed scores and several monitors ---------------------------------------
+
+
+def test_smooth_ignores_a_one_epoch_spike(tmp_path):
+    checkpoint = BestCheckpoint(monitor="val_score", mode="max", smooth=2)
+    _, _, weights = fit(tmp_path, [0.2, 0.9, 0.3, 0.6, 0.7], checkpoint)
+    best = checkpoint.best_record  # smoothed: 0.2, 0.55, 0.6, 0.45, 0.65
+    assert best.epoch == 4 and best.raw_score == pytest.approx(0.7)
+    assert best.score == pytest.approx(0.65)
+    assert_weights(best.path, weights[4])
+
+
+def test_several_monitors_keep_a_best_for_each(tmp_path):
+    checkpoint = BestCheckpoint(monitor=["val_score", "val_loss"], mode="max")
+    _, _, weights = fit(tmp_path, [0.2, 0.6, 0.4, 0.5], checkpoint)
+    manifest = load_manifest(checkpoint.dirpath)
+    assert checkpoint.best_record.epoch == 1 and checkpoint.best_record.monitor == "val_score"
+    by_loss = manifest.best_for("val_loss")
+    losses = {e: r["metrics"]["val_loss"] for e, r in enumerate(history(checkpoint.dirpath))}
+    assert by_loss.epoch == min(losses, key=losses.get)
+    assert_weights(by_loss.path, weights[by_loss.epoch])

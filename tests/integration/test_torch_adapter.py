@@ -200,3 +200,22 @@ def test_sigterm_handler_is_restored_after_the_context(tmp_path):
     with TorchCheckpointer(tmp_path, monitor="val_loss"):
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_smoothing_and_several_monitors_in_a_real_loop(tmp_path):
+    model, optimizer, scheduler = tiny_setup()
+    ckpt = TorchCheckpointer(tmp_path, monitor=["val_auroc", "val_loss"], smooth=2, top_k=1)
+    auroc = [0.60, 0.95, 0.62, 0.80, 0.81]  # a one-epoch spike at epoch 1
+    loss = [0.9, 0.8, 0.5, 0.6, 0.7]
+    weights = {}
+    for epoch in range(5):
+        train_epoch(model, optimizer, scheduler)
+        weights[epoch] = model.weight.detach().clone()
+        ckpt.step(epoch, {"val_auroc": auroc[epoch], "val_loss": loss[epoch]}, model=model)
+    ckpt.close()
+    # smoothed AUROC: 0.60, 0.775, 0.785, 0.71, 0.805 -> epoch 4, not the spike
+    best = ckpt.best
+    assert best.epoch == 4 and best.raw_score == 0.81
+    assert ckpt.best_for("val_loss").epoch == 3  # smoothed loss: .9 .85 .65 .55 .65
+    state = ckpt.load(best)
+    assert torch.equal(state["model"]["weight"], weights[4])
