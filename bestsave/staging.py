@@ -106,10 +106,13 @@ class Snapshot:
 
     def __init__(self, state: Any, release: Callable[[], None]) -> None:
         self.state = state
-        self._release = release
+        self._release: Callable[[], None] | None = release
 
     def release(self) -> None:
-        self._release()
+        """Free the buffers for the next snapshot; later calls do nothing."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 class _Sync:

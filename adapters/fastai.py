@@ -1,0 +1,605 @@
+"""fastai: ``SaveBestModelCallback``, a drop-in superset of fastai's ``SaveModelCallback``.
+
+Swap the class and keep the arguments. Like fastai's callback it saves whenever the monitored
+value improves, prints "Better model found at epoch N with M value: V." and loads the best weights
+into the learner after ``fit``. In addition it can keep the k best epochs (``top_k``) or every
+epoch within ``delta`` of the best, stop training when the metric stalls (``patience``), and
+it records everything the Recorder held at each kept epoch beside the file.
+
+Example:
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from fastai.data.core import DataLoaders
+    >>> from fastai.learner import Learner
+    >>> from bestsave.adapters.fastai import SaveBestModelCallback
+    >>> x = torch.randn(64, 3)
+    >>> data = list(zip(x, x.sum(1, keepdim=True)))
+    >>> dls = DataLoaders.from_dsets(data[:48], data[48:], bs=16, device="cpu")
+    >>> learn = Learner(dls, nn.Linear(3, 1), loss_func=nn.MSELoss(), path=tempfile.mkdtemp())
+    >>> save = SaveBestModelCallback(top_k=2)
+    >>> with learn.no_bar(), learn.no_logging():
+    ...     learn.fit(3, lr=0.1, cbs=[save])  # doctest: +ELLIPSIS
+    Better model found at epoch 0 with valid_loss value: ...
+    >>> best = save.best_record
+    >>> best.score == best.metrics["valid_loss"], sorted(best.metrics)[:3]
+    (True, ['lr', 'mom', 'train_loss'])
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.tracker import SaveModelCallback, TrackerCallback
+from fastai.optimizer import Optimizer
+from fastai.torch_core import distrib_barrier, get_model, rank_distrib
+from fastcore.foundation import L
+
+from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged, fetch, load_manifest
+from bestsave.monitor import Monitor, infer_mode
+from bestsave.naming import DEFAULT_TEMPLATE, check_template
+from bestsave.policy import Policy, Smooth
+from bestsave.staging import Snapshot, Stager
+from bestsave.tracker import BestSaveWarning
+
+__all__ = ["SaveBestModelCallback"]
+
+_MIN_COMPS = (np.less, np.less_equal, operator.lt, operator.le)
+_MAX_COMPS = (np.greater, np.greater_equal, operator.gt, operator.ge)
+_HYPERS = ("lr", "mom", "wd")
+
+
+class SaveBestModelCallback(Callback):
+    """Saves the best model while a fastai ``Learner`` trains, and loads it when training ends.
+
+    Files go to ``learn.path/learn.model_dir/fname/``: one ``.pth`` per kept epoch, in fastai's
+    format (the model's ``state_dict``, or ``{"model": ..., "opt": ...}`` with ``with_opt``), each
+    with a JSON record of its epoch beside it, and the manifest ``bestsave.json``. A kept file
+    loads with fastai's ``learn.load(f"{fname}/{Path(record.path).stem}")`` as well as with
+    :meth:`load_record`, which checks it against its record first.
+
+    The callback is named ``save_model`` (``learn.save_model``), the name fastai's
+    ``WandbCallback(log_model=True)`` looks for: it uploads this callback's best file instead of
+    adding a second saver, with the best epoch's record as the artifact's metadata.
+
+    Args:
+        monitor: The Recorder value that decides: ``"valid_loss"``, ``"train_loss"`` or a
+            metric's name (``"accuracy"``, ``"matthews_corrcoef"``). A list keeps a best (or
+            top-k) for each; the message, ``comp`` and the weights loaded follow the first.
+        comp: ``np.less`` (lower is better) or ``np.greater``. When None it is inferred as fastai
+            does (``np.less`` for names holding "loss" or "error", ``np.greater`` otherwise),
+            except that names bestsave knows as errors (``rmse``, ``mae``, ``perplexity``...)
+            are minimised, where fastai would maximise them.
+        min_delta: An improvement must beat the best by more than this.
+        fname: Name of the folder under ``learn.path/learn.model_dir`` that holds the files.
+        every_epoch: Keep a file every epoch (``True``) or every n epochs (an int), whatever its
+            score, without tracking the best (unless ``top_k`` is given too). With n > 1 the
+            kept epochs are n-1, 2n-1, ... (0-based), not fastai's 0, n, 2n, ...
+        at_end: Also save the final model (as ``last.pth``) and leave the final weights in the
+            learner instead of loading the best.
+        with_opt: Save the optimizer state with the model, and load it with the best.
+        reset_on_fit: Every ``fit`` starts afresh (its best replaces the previous fit's files).
+            With False, a later ``fit`` must beat the earlier fits' best to be saved.
+        top_k: Keep the k best epochs (``-1`` every one with a valid score, ``0`` none).
+            Default: 1, or no cap with ``delta``; 0 with ``every_epoch``.
+        delta: Keep every epoch within ``delta`` of the best (a near-best ensemble).
+        patience: Epochs without improvement before training stops (the Learner raises
+            ``CancelFitException``, as ``EarlyStoppingCallback`` does).
+        keep_every_n_epochs: Also keep epochs n-1, 2n-1, ... whatever their score.
+        save_last: Also keep a rolling ``last.pth`` of the latest epoch (``True`` or ``"link"``).
+        filename: Template of the file names; any Recorder value may appear (``{accuracy:.3f}``).
+        dirpath: Directory for the files instead of ``learn.path/learn.model_dir/fname``: a
+            local path or an fsspec URL (``s3://bucket/run``).
+        resume: Continue the run whose manifest is in the directory (its best stays the one to
+            beat). Load the weights to resume from and pass ``start_epoch`` to ``fit`` yourself.
+        overwrite: Replace the files of another run found in the directory.
+        trackers: ``"auto"`` (a W&B or MLflow run already active), ``"wandb"``, ``"mlflow"``,
+            or tracker objects told about every kept file (see ``bestsave.Tracker``).
+        smooth: Judge on a smoothed score: ``N`` (mean of the last N) or ``("ema", alpha)``.
+        tie_break: A Recorder value (or ``(name, mode)``) that decides ties within
+            ``min_delta``.
+        warmup: Epochs before this are never best nor kept for their score.
+        async_write: Write files in a background thread (the loop pays for a copy of the
+            weights in host memory).
+        on_write_error: ``"raise"`` stops training when a write fails; ``"warn"`` trains on.
+        storage_options: Passed to fsspec for a remote ``dirpath``.
+
+    Under fastai's distributed training only rank 0 writes; every rank loads the best.
+
+    Example:
+        >>> from bestsave.adapters.fastai import SaveBestModelCallback
+        >>> SaveBestModelCallback(monitor="accuracy", top_k=3, patience=5).name
+        'save_model'
+    """
+
+    # Right after the Recorder has the epoch's values, where fastai's SaveModelCallback runs.
+    order = TrackerCallback.order + 1
+    remove_on_fetch, _only_train_loop = True, True
+    # Left out when a Learner holding this callback is pickled by ``learn.export()``.
+    _stateattrs = ("_saver", "_stager", "_wandb", "_latest", "_frames")
+
+    def __init__(
+        self,
+        monitor: str | Sequence[str] = "valid_loss",
+        comp: Any = None,
+        min_delta: float = 0.0,
+        fname: str = "model",
+        every_epoch: bool | int = False,
+        at_end: bool = False,
+        with_opt: bool = False,
+        reset_on_fit: bool = True,
+        *,
+        top_k: int | None = None,
+        delta: float | None = None,
+        patience: int | None = None,
+        keep_every_n_epochs: int | None = None,
+        save_last: bool | Literal["link"] = False,
+        filename: str = DEFAULT_TEMPLATE,
+        dirpath: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        trackers: str | Iterable[Any] = "auto",
+        smooth: Smooth = None,
+        tie_break: str | tuple[str, str] | None = None,
+        warmup: int = 0,
+        async_write: bool = True,
+        on_write_error: Literal["raise", "warn"] = "raise",
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # Several monitors each keep their best; fastai's attributes follow the first.
+        monitors = [monitor] if isinstance(monitor, str) else list(monitor)
+        if not monitors or not all(isinstance(m, str) and m for m in monitors):
+            raise ValueError(f"monitor must be the name of a Recorder value, not {monitor!r}")
+        monitor = monitors[0]
+        if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname:
+            raise ValueError(f"fname must be a plain name such as 'model', not {fname!r}")
+        every = _every_n(every_epoch)
+        if every and at_end:
+            raise ValueError("every_epoch and at_end cannot both be set: choose one")
+        if every and keep_every_n_epochs is not None:
+            raise ValueError(
+                "every_epoch and keep_every_n_epochs say the same thing: pass only one of them"
+            )
+        if save_last not in (False, True, "link"):
+            raise ValueError(f"save_last must be False, True or 'link', not {save_last!r}")
+        if on_write_error not in ("raise", "warn"):
+            raise ValueError(f"on_write_error must be 'raise' or 'warn', not {on_write_error!r}")
+        mode = _mode(monitor, comp)
+        if every and top_k is None:
+            top_k = 0  # fastai's every_epoch saves on a schedule and tracks no best
+        # The core's own checks, now rather than at the first fit.
+        Policy(
+            Monitor(monitor, mode, min_delta), top_k, delta, keep_every_n_epochs or every, patience
+        )
+        check_template(filename)
+
+        self.monitor, self.min_delta, self.fname = monitor, min_delta, fname
+        self.monitors = monitors
+        self.smooth, self.tie_break, self.warmup = smooth, tie_break, warmup
+        self.comp = np.less if mode == "min" else np.greater
+        self.every_epoch, self.at_end, self.with_opt = every_epoch, at_end, with_opt
+        self.reset_on_fit = reset_on_fit
+        self.top_k, self.delta, self.patience = top_k, delta, patience
+        self.keep_every_n_epochs = keep_every_n_epochs or every
+        self.save_last: bool | Literal["link"] = save_last or at_end
+        self.filename, self.dirpath = filename, dirpath
+        self.resume, self.overwrite = resume, overwrite
+        self.trackers = trackers if isinstance(trackers, str) else list(trackers)
+        self.async_write, self.on_write_error = async_write, on_write_error
+        self.storage_options = dict(storage_options or {})
+        self.new_best = False
+        self._mode = mode
+        self._run_dir: str | None = None  # the directory this callback's own run lives in
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """State that is not pickled with the learner (``learn.export()``)."""
+        self._saver: BestSaver | None = None
+        self._stager = Stager()
+        self._wandb: list[Any] = []  # WandbCallbacks whose upload this callback does
+        self._latest: Record | None = None
+        self._frames: list[_Frame] = []
+        self._ended = False  # the last fit has ended (its at_end file is the final one)
+
+    @property
+    def name(self) -> str:
+        """``save_model``: the attribute fastai's loggers look for (``learn.save_model``)."""
+        return "save_model"
+
+    # -- what was kept ---------------------------------------------------------------------
+
+    @property
+    def saver(self) -> BestSaver | None:
+        """The :class:`bestsave.BestSaver` of the current run (None before the first fit)."""
+        return self._saver
+
+    @property
+    def best_record(self) -> Record | None:
+        """Record of the best checkpoint: its file, epoch, score and every metric."""
+        return self._saver.best if self._saver else None
+
+    @property
+    def kept(self) -> list[Record]:
+        """Records of the files kept now, best first."""
+        return self._saver.kept if self._saver else []
+
+    @property
+    def best(self) -> float:
+        """The best monitored value so far (``inf``/``-inf`` before one, as fastai's)."""
+        score = self._saver.best_score if self._saver else None
+        if score is None:
+            return float("inf") if self._mode == "min" else -float("inf")
+        return score
+
+    @property
+    def last_saved_path(self) -> Path | str | None:
+        """The file loggers upload: the best one; with ``at_end`` the final one after fit;
+        with ``every_epoch`` the latest one."""
+        record = self._logged_record()
+        if record is None:
+            return None
+        return record.path if "://" in record.path else Path(record.path)
+
+    @property
+    def last_saved_metadata(self) -> dict[str, Any] | None:
+        """The record of :attr:`last_saved_path` (epoch, score, every metric, run info)."""
+        record = self._logged_record()
+        return record.to_dict() if record else None
+
+    def _logged_record(self) -> Record | None:
+        saver = self._saver
+        if saver is None:
+            return None
+        if self.at_end and self._ended and saver.last is not None:
+            return saver.last
+        if saver.policy.cap > 0:
+            return saver.best
+        return self._latest
+
+    # -- the training loop ------------------------------------------------------------------
+
+    # learn.validate() sends before_fit, before_epoch, after_epoch and after_fit too, even from
+    # inside a fit, but never before_train. Each before_fit opens a frame; a frame becomes a fit
+    # at its first trained epoch, and only the innermost frame counts. A fit that ended in an
+    # exception (no after_fit) leaves a frame behind, which the next fit's frame covers.
+
+    def before_fit(self) -> None:
+        # As fastai's TrackerCallback: the learning-rate finder and get_preds are not training.
+        self.run = not hasattr(self, "lr_finder") and not hasattr(self, "gather_preds")
+        self._frames.append(_Frame())
+
+    def before_epoch(self) -> None:
+        if self._frames:
+            self._frames[-1].epoch_trained = self._frames[-1].epoch_cancelled = False
+
+    def before_train(self) -> None:
+        frame = self._frames[-1]
+        if not frame.fit:
+            self._start_fit()
+            frame.fit = True
+        frame.epoch_trained = True
+
+    def after_cancel_epoch(self) -> None:
+        if self._frames:
+            self._frames[-1].epoch_cancelled = True
+
+    def after_epoch(self) -> None:
+        frame = self._frames[-1] if self._frames else None
+        if frame is None or not (frame.fit and frame.epoch_trained) or frame.epoch_cancelled:
+            return  # learn.validate(), an epoch skipped by fit's start_epoch, or cancelled
+        saver = self._saver
+        assert saver is not None
+        metrics = self._epoch_metrics()
+        decision = saver.step(
+            self.epoch,
+            metrics,
+            write=Staged(self._capture, self._serialize),
+            step=self.train_iter,
+        )
+        self._after_step(decision, metrics)
+
+    def _after_step(self, decision: Decision, metrics: Mapping[str, Any]) -> None:
+        self.new_best = decision.is_best
+        if decision.records:
+            self._latest = decision.records[-1]
+        if decision.is_best and any(r.kind == "best" for r in decision.records):
+            print(
+                f"Better model found at epoch {self.epoch} with {self.monitor} value: "
+                f"{metrics[self.monitor]}."
+            )
+        if decision.should_stop:
+            print(f"No improvement since epoch {self.epoch - (self.patience or 0)}: early stopping")
+            raise CancelFitException()
+
+    def after_fit(self) -> None:
+        frame = self._frames.pop() if self._frames else None
+        if frame is None or not frame.fit:
+            return
+        saver = self._saver
+        assert saver is not None
+        saver.close()  # every file written, trackers told
+        self._ended = True
+        if not (self.at_end or self.every_epoch):
+            self._load_best(saver)
+        self._upload(saver)
+
+    # -- starting a fit ---------------------------------------------------------------------
+
+    def _start_fit(self) -> None:
+        recorder = getattr(self.learn, "recorder", None)
+        if recorder is None:
+            raise RuntimeError(
+                "SaveBestModelCallback reads the epoch's values from the Recorder, and this "
+                "Learner has none: keep Recorder in the Learner's callbacks"
+            )
+        names = _value_names(recorder)
+        missing = next((m for m in self.monitors if m not in names), None)
+        if missing is not None:
+            raise MissingMetricError(missing, names)
+        dirpath = str(self.dirpath or Path(self.learn.path) / self.learn.model_dir / self.fname)
+        if self._saver is None or self.reset_on_fit or dirpath != self._run_dir:
+            self._saver = self._new_saver(dirpath)
+        self._ended = False
+        self._take_upload()
+        others = [cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback)]
+        if others:
+            warnings.warn(
+                "the Learner also holds fastai's SaveModelCallback, a second saver (fastai's "
+                "WandbCallback(log_model=True) adds one when, at Learner creation, no callback "
+                "is named 'save_model'); pass SaveBestModelCallback in Learner(cbs=...) or "
+                "remove the other one",
+                BestSaveWarning,
+                stacklevel=2,
+            )
+
+    def _new_saver(self, dirpath: str) -> BestSaver:
+        # A later fit of this callback over its own run: a new run replaces it (fastai's
+        # reset_on_fit), or, without reset, the run continues (after learn.export/load).
+        own = dirpath == self._run_dir
+        saver = BestSaver(
+            dirpath,
+            self.monitors,
+            mode=[self._mode] + [_mode(m, None) for m in self.monitors[1:]],
+            min_delta=self.min_delta,
+            top_k=self.top_k,
+            delta=self.delta,
+            keep_every_n_epochs=self.keep_every_n_epochs,
+            save_last=self.save_last,
+            patience=self.patience,
+            filename=self.filename,
+            resume=(not self.reset_on_fit) if own else self.resume,
+            overwrite=self.reset_on_fit if own else self.overwrite,
+            trackers=self.trackers,
+            smooth=self.smooth,
+            tie_break=self.tie_break,
+            warmup=self.warmup,
+            async_write=self.async_write,
+            on_write_error=self.on_write_error,
+            extension=".pth",
+            writer=rank_distrib() == 0,
+            framework="fastai",
+            hparams=self._hparams(),
+            storage_options=self.storage_options,
+        )
+        self._run_dir = dirpath
+        return saver
+
+    def _hparams(self) -> dict[str, Any]:
+        learn = self.learn
+        hparams: dict[str, Any] = {
+            "n_epoch": learn.n_epoch,
+            "batch_size": getattr(learn.dls, "bs", None),
+            "model": type(get_model(learn.model)).__name__,
+            "opt_func": getattr(learn.opt_func, "__name__", type(learn.opt_func).__name__),
+            "loss_func": type(learn.loss_func).__name__,
+        }
+        hparams.update(self._hypers(every_group=True))
+        return hparams
+
+    def _hypers(self, every_group: bool = False) -> dict[str, Any]:
+        """lr, mom and wd of the last parameter group (the one the Recorder reports), and of
+        each group by index when there are several."""
+        hypers = list(getattr(getattr(self.learn, "opt", None), "hypers", None) or [])
+        if not hypers:
+            return {}
+        out = {k: float(hypers[-1][k]) for k in _HYPERS if _is_number(hypers[-1].get(k))}
+        if every_group and len(hypers) > 1:
+            for i, group in enumerate(hypers):
+                out.update(
+                    {f"{k}_{i}": float(group[k]) for k in _HYPERS if _is_number(group.get(k))}
+                )
+        return out
+
+    # -- one epoch's values -----------------------------------------------------------------
+
+    def _epoch_metrics(self) -> dict[str, Any]:
+        """Every value the Recorder holds for this epoch, by name, then lr, mom and wd."""
+        recorder = self.learn.recorder
+        metrics = dict(zip(_present_names(recorder), recorder.values[-1], strict=False))
+        for key, value in self._hypers().items():
+            metrics.setdefault(key, value)
+        return metrics
+
+    # -- writing and loading ----------------------------------------------------------------
+
+    def _capture(self) -> Snapshot:
+        """The state to save, copied on the training thread (fastai's ``save_model`` format)."""
+        state: Any = get_model(self.learn.model).state_dict()
+        opt = getattr(self.learn, "opt", None)
+        if self.with_opt and opt is not None:
+            # fastcore's L becomes a list, so the file loads with weights_only=True and no
+            # allow-listed classes; fastai's learn.load reads it all the same.
+            state = {"model": state, "opt": _plain(opt.state_dict())}
+        return self._stager.snapshot(state)
+
+    @staticmethod
+    def _serialize(snapshot: Snapshot, path: str) -> None:
+        # The saver releases the snapshot's buffers once it is written (or dropped).
+        torch.save(snapshot.state, path, pickle_protocol=2)
+
+    def load_record(self, record: Record, with_opt: bool | None = None) -> Record:
+        """Load a kept file's weights (and optimizer state with ``with_opt``) into the learner.
+
+        The file is checked against its record's sha256 first and read with
+        ``torch.load(weights_only=True)``, so loading never runs pickled code.
+        """
+        with_opt = self.with_opt if with_opt is None else with_opt
+        path = fetch(record, **self.storage_options)
+        device = getattr(self.learn.dls, "device", None) or "cpu"
+        state = torch.load(path, map_location=device, weights_only=True)
+        has_opt = isinstance(state, dict) and set(state) == {"model", "opt"}
+        get_model(self.learn.model).load_state_dict(state["model"] if has_opt else state)
+        if with_opt:
+            if self.learn.opt is None:
+                self.learn.create_opt()
+            if not has_opt:
+                warnings.warn(
+                    f"{record.name} holds no optimizer state (saved with with_opt=False)",
+                    BestSaveWarning,
+                    stacklevel=2,
+                )
+            else:
+                opt = self.learn.opt
+                opt.load_state_dict(state["opt"])
+                if isinstance(opt, Optimizer) and not isinstance(opt.hypers, L):
+                    opt.hypers = L(opt.hypers)  # saved as a list; fastai's Optimizer keeps an L
+        return record
+
+    def _load_best(self, saver: BestSaver) -> None:
+        distrib_barrier()  # rank 0 has written and flushed (saver.close above)
+        best = (
+            saver.best
+            if saver.writer
+            else load_manifest(saver.dirpath, **self.storage_options).best
+        )
+        if best is None:
+            if saver.policy.cap > 0:
+                warnings.warn(
+                    f"no best model was kept in {saver.dirpath} ({self.monitor} was never a "
+                    "valid number); the learner keeps its final weights",
+                    BestSaveWarning,
+                    stacklevel=2,
+                )
+            return
+        self.load_record(best)
+
+    # -- fastai's WandbCallback -------------------------------------------------------------
+
+    def _take_upload(self) -> None:
+        """WandbCallback(log_model=True) uploads ``save_model.last_saved_path`` with the
+        *last* epoch's values as metadata; this callback uploads the same file with the record
+        of its own epoch instead, once, after the best is final."""
+        module = sys.modules.get("fastai.callback.wandb")
+        wandb_cb = getattr(module, "WandbCallback", None)
+        if wandb_cb is None or getattr(self.learn, "save_model", None) is not self:
+            return
+        for cb in self.learn.cbs:
+            if isinstance(cb, wandb_cb) and cb.log_model:
+                cb.log_model = False
+                self._wandb.append(cb)
+        if self._wandb and self._saver is not None:
+            # This callback uploads for WandbCallback: a W&B tracker found by "auto" would
+            # upload the same model twice.
+            from bestsave.trackers import WandbTracker
+
+            self._saver.trackers = [
+                t for t in self._saver.trackers if not isinstance(t, WandbTracker)
+            ]
+
+    def _upload(self, saver: BestSaver) -> None:
+        taken, self._wandb = self._wandb, []
+        for cb in taken:
+            cb.log_model = True  # given back, for fits without this callback
+        if not taken or not saver.writer:
+            return
+        import wandb
+
+        record = self._logged_record()
+        if wandb.run is None or record is None:
+            print("WandbCallback could not retrieve a model to upload")
+            return
+        artifact = wandb.Artifact(
+            name=self.fname, type="model", metadata=record.to_dict(), description="trained model"
+        )
+        artifact.add_file(fetch(record, **self.storage_options), name=f"{self.fname}.pth")
+        aliases = ["latest", f"epoch-{record.epoch}"] + (["best"] if record.kind == "best" else [])
+        wandb.run.log_artifact(artifact, aliases=aliases)
+
+
+@dataclass
+class _Frame:
+    """One before_fit ... after_fit: a fit once an epoch trained, else learn.validate()."""
+
+    fit: bool = False
+    epoch_trained: bool = False
+    epoch_cancelled: bool = False
+
+
+def _every_n(every_epoch: bool | int) -> int | None:
+    """fastai's ``every_epoch`` (a bool or an int) as an epoch count, None when off."""
+    if every_epoch is True:
+        return 1
+    if every_epoch is False or every_epoch is None:
+        return None
+    if isinstance(every_epoch, int) and every_epoch >= 0:
+        return every_epoch or None
+    raise ValueError(f"every_epoch must be a bool or an int >= 1, not {every_epoch!r}")
+
+
+def _mode(monitor: str, comp: Any) -> Literal["min", "max"]:
+    """The core's mode from fastai's ``comp``, or from the name as fastai infers it."""
+    if comp is not None:
+        if any(comp is c or comp == c for c in _MIN_COMPS):
+            return "min"
+        if any(comp is c or comp == c for c in _MAX_COMPS):
+            return "max"
+        raise ValueError(f"comp must be np.less or np.greater (or None to infer), not {comp!r}")
+    if "loss" in monitor or "error" in monitor:
+        return "min"
+    try:
+        return infer_mode(monitor)
+    except ValueError:
+        return "max"  # fastai's rule: a value that is not a loss or an error grows
+
+
+def _value_names(recorder: Any) -> list[str]:
+    """The names the Recorder gives an epoch's values (no ``epoch``, no ``time``)."""
+    names = list(recorder.metric_names[1:])
+    return names[:-1] if getattr(recorder, "add_time", False) else names
+
+
+def _present_names(recorder: Any) -> list[str]:
+    """The names of the values the Recorder holds this epoch: a cancelled train or validation
+    phase leaves its values out, and the names after it shift."""
+    names = _value_names(recorder)
+    n_train = 1 + (len(recorder.metrics) if recorder.train_metrics else 0)
+    train, valid = names[:n_train], names[n_train:]
+    return ([] if getattr(recorder, "cancel_train", False) else train) + (
+        [] if getattr(recorder, "cancel_valid", False) else valid
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with every fastcore ``L`` turned into a list (the stager copies lists)."""
+    if isinstance(obj, L):
+        return [_plain(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(o) for o in obj]
+    return obj
