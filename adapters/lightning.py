@@ -670,6 +670,11 @@ class BestCheckpoint(ModelCheckpoint):
         """The :class:`bestsave.BestSaver` making the decisions, once training has started."""
         return self._saver
 
+    @property
+    def kept(self) -> list[Record]:
+        """Records of the checkpoints kept now, best first (empty before training)."""
+        return self._saver.kept if self._saver is not None else []
+
 
 def _tie_monitor(tie_break: str | tuple[str, str]) -> Monitor:
     name, mode = (tie_break, "auto") if isinstance(tie_break, str) else tie_break
