@@ -12,12 +12,19 @@ class BackgroundWriter:
     """Runs jobs in order on one daemon thread.
 
     A job submitted while another is pending is merged into it (:meth:`Job.absorb`), so a newer
-    best replaces an older one that has not started. The first error a job raises is kept;
-    jobs after it are dropped, and :meth:`take_error` hands it to the training thread.
+    best replaces an older one that has not started. The first error a job raises is kept for
+    :meth:`take_error` to hand to the training thread; the jobs after it are dropped (training
+    is about to stop) unless ``keep_going``, when they run as usual.
     """
 
-    def __init__(self, run: Callable[[Job], object], name: str = "bestsave-writer") -> None:
+    def __init__(
+        self,
+        run: Callable[[Job], object],
+        keep_going: bool = False,
+        name: str = "bestsave-writer",
+    ) -> None:
         self._run = run
+        self._keep_going = keep_going
         self._cond = threading.Condition()
         self._pending: Job | None = None
         self._busy = False
@@ -25,9 +32,12 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
+    def _stopped(self) -> bool:
+        return self._error is not None and not self._keep_going
+
     def submit(self, job: Job) -> None:
         with self._cond:
-            if self._error is not None:  # the caller has not seen it yet: nothing more is written
+            if self._stopped():  # the caller has not seen the error yet: nothing more is written
                 job.release()
                 return
             self._pending = job if self._pending is None else self._pending.absorb(job)
@@ -41,13 +51,13 @@ class BackgroundWriter:
     def wait_for_room(self) -> None:
         """Block until no job is pending (the one in flight may still run)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._pending is None or self._error is not None)
+            self._cond.wait_for(lambda: self._pending is None or self._stopped())
 
     def flush(self) -> None:
         """Block until every submitted job has run."""
         with self._cond:
             self._cond.wait_for(
-                lambda: (self._pending is None and not self._busy) or self._error is not None
+                lambda: (self._pending is None and not self._busy) or self._stopped()
             )
             self._cond.wait_for(lambda: not self._busy)
 
@@ -67,8 +77,8 @@ class BackgroundWriter:
                 self._run(job)  # type: ignore[arg-type]
             except BaseException as e:
                 with self._cond:
-                    self._error = e
-                    if self._pending is not None:
+                    self._error = self._error or e
+                    if self._pending is not None and not self._keep_going:
                         self._pending.release()
                         self._pending = None
             finally:

@@ -149,14 +149,29 @@ class Committer:
         header: dict[str, Any],
         history_bytes: int,
         committed: SaverState,
+        keep_evaluations: bool = False,
     ) -> None:
         self.store = store
+        self.keep_evaluations = keep_evaluations
+        """A failed file write still records its evaluation (training goes on); otherwise the
+        job is undone whole, so a resumed run repeats it."""
         self.extension = extension
         self.header = header
         """run, monitor, mode and policy: the manifest's fixed part."""
         self.history_bytes = history_bytes
         self.committed = committed
+        """The state the manifest on disk describes."""
         self.digests: dict[str, tuple[int, str]] = {}
+        self.lost: set[str] = set()
+        """Files decided on but never written (a failed write): later manifests leave them
+        out."""
+        self.restored: dict[str, Record] = {}
+        """Kept files a failed job would have evicted: they stay until a later job evicts
+        them."""
+        self._unfinished: dict[str, str] = {}
+        """Renames a committed manifest asked for that failed; retried at the next job."""
+        self._carry: list[str] = []
+        """History lines of a job whose commit failed, written with the next one."""
 
     def filled(self, record: Record) -> Record:
         """``record`` with its size and sha256, once its file is written."""
@@ -167,82 +182,196 @@ class Committer:
 
     def run(self, job: Job) -> tuple[list[Record], list[Record]]:
         """Make ``job`` durable; returns the records of the files it wrote and of those it
-        deleted, with their sizes and checksums."""
+        deleted, with their sizes and checksums.
+
+        A failed file write undoes the job, or with ``keep_evaluations`` loses only its files
+        (and the evictions they caused) and records the evaluation, raising once that is
+        committed. A failure before the manifest is written leaves the directory as it was
+        (with ``keep_evaluations`` the history lines wait for the next job); one after it
+        leaves the job committed, its renames finished by the next job or the next start.
+        """
+        store = self.store
+        state = job.state
+        assert state is not None
+        error: Exception | None = None
+        try:
+            pending = self._write_files(job)
+        except Exception as e:
+            self._lose(job)
+            if not self.keep_evaluations:
+                raise
+            error, pending = e, {}
+            lost = {f.record.name for f in job.files}
+            job = Job(lines=_amend(job.lines, lost, str(e)), state=state, best_name=job.best_name)
+        lines, self._carry = [*self._carry, *job.lines], []
+        history_bytes = self.history_bytes
+        try:
+            for line in lines:
+                self.history_bytes = store.append_text(HISTORY, line)
+            evicting = self._evicting(job)
+            store.write_text(MANIFEST, self._manifest(job, state, pending, evicting).to_json())
+        except BaseException as e:
+            for tmp in pending.values():
+                store.delete(tmp)
+            store.truncate(HISTORY, history_bytes)
+            self.history_bytes = history_bytes
+            lost = {f.record.name for f in job.files}
+            self._carry = _amend(lines, lost, str(e)) if self.keep_evaluations else []
+            self._lose(job)
+            raise
+        self.lost -= set(pending)
+        for r in job.evict:
+            self.restored.pop(r.name, None)
+        self.committed = state
+        # Committed: what follows only tidies up, and a failure leaves the rest to the next
+        # job or the next start (the manifest names the temporary files).
+        self._unfinished.update(pending)
+        for name, tmp in list(self._unfinished.items()):
+            try:
+                store.rename(tmp, name)
+                del self._unfinished[name]
+            except OSError as e:
+                error = error or e
+        written = [self.filled(f.record) for f in job.files]
+        evicted = [self.filled(r) for r in job.evict]
+        for r in written:
+            if r.kind != "last":
+                store.write_text(sidecar_name(r.name, self.extension), sidecar_text(r))
+        for name in evicting:
+            store.delete(name)
+            self.digests.pop(name, None)
+        store.sync()
+        if error is not None:
+            raise error
+        return written, evicted
+
+    def _write_files(self, job: Job) -> dict[str, str]:
+        """Every new file under its temporary name, durable; returns final name -> temp."""
         store = self.store
         pending: dict[str, str] = {}
+        current: NewFile | None = None
         try:
-            for f in job.files:
-                name = f.record.name
-                if f.content is not None:
-                    local = f.content.materialize(store.scratch(f.tmp))
+            for current in job.files:
+                name = current.record.name
+                if current.content is not None:
+                    local = current.content.materialize(store.scratch(current.tmp))
                     if not os.path.exists(local):
                         raise FileNotFoundError(f"write() was given {local} but wrote no file")
                     self.digests[name] = file_digest(local)
-                    store.publish(local, f.tmp)
+                    store.publish(local, current.tmp)
                 else:
-                    store.link(pending[f.same_as or ""], f.tmp)
-                    self.digests[name] = self.digests[f.same_as or ""]
-                pending[name] = f.tmp
+                    store.link(pending[current.same_as or ""], current.tmp)
+                    self.digests[name] = self.digests[current.same_as or ""]
+                pending[name] = current.tmp
         except BaseException:
+            if current is not None:  # the file being written when it failed, half there
+                store.delete(current.tmp)
+                scratch = store.scratch(current.tmp)
+                if os.path.exists(scratch):
+                    os.unlink(scratch)
             for tmp in pending.values():
                 store.delete(tmp)
             raise
         finally:
             job.release()
+        return pending
 
-        state = job.state
-        assert state is not None
-        for line in job.lines:
-            self.history_bytes = store.append_text(HISTORY, line)
-        # A new file may reuse an evicted one's name (a fixed file name): the rename replaced
+    def _lose(self, job: Job) -> None:
+        """The job's files were never written: later manifests leave them out, and keep the
+        files they would have evicted."""
+        for f in job.files:
+            self.digests.pop(f.record.name, None)
+        self.lost |= {f.record.name for f in job.files}
+        for r in job.evict:
+            if r.name not in self.lost:
+                self.restored[r.name] = r
+
+    def _evicting(self, job: Job) -> list[str]:
+        # A new file may reuse an evicted one's name (a fixed file name): the rename replaces
         # it, so it must not be deleted.
         reused = {
             n
             for f in job.files
             for n in (f.record.name, sidecar_name(f.record.name, self.extension))
         }
-        evicting = [
+        return [
             n
             for r in job.evict
             for n in (r.name, sidecar_name(r.name, self.extension))
             if n not in reused
         ]
-        manifest = Manifest(
-            dirpath=store.url,
+
+    def _manifest(
+        self, job: Job, state: SaverState, pending: dict[str, str], evicting: list[str]
+    ) -> Manifest:
+        lost = self.lost - set(pending)
+        kept = [self.filled(r) for r in state.kept if r.name not in lost]
+        gone = {r.name for r in job.evict} | {r.name for r in kept}
+        kept += [r for r in self.restored.values() if r.name not in gone]
+        best_name = job.best_name
+        if best_name in lost:
+            best_name = _best_kept(kept, self.header["monitor"], self.header["mode"])
+        last = state.last
+        if last is not None and last.name in lost:
+            last = self.committed.last
+        return Manifest(
+            dirpath=self.store.url,
             run=self.header["run"],
             monitor=self.header["monitor"],
             mode=self.header["mode"],
             monitors=self.header["monitors"],
             policy=self.header["policy"],
-            kept=[self.filled(r) for r in state.kept],
-            best_name=job.best_name,
-            last=self.filled(state.last) if state.last else None,
+            kept=kept,
+            best_name=best_name,
+            last=self.filled(last) if last else None,
             state={
-                "policies": state.policies,
+                "policies": _ranked_as_kept(state.policies, kept) if lost else state.policies,
                 "evaluations": state.evaluations,
                 "last_epoch": state.last_epoch,
                 "history_bytes": self.history_bytes,
                 "warned": list(state.warned),
             },
-            pending=pending,
+            pending={**self._unfinished, **pending},
             evicting=evicting,
         )
-        store.write_text(MANIFEST, manifest.to_json())
-        written = [self.filled(f.record) for f in job.files]
-        evicted = [self.filled(r) for r in job.evict]
-        for name, tmp in pending.items():
-            store.rename(tmp, name)
-        for r in written:
-            if r.kind != "last":
-                store.write_text(sidecar_name(r.name, self.extension), sidecar_text(r))
-        for name in evicting:
-            store.delete(name)
-        store.sync()
-        for r in job.evict:
-            if r.name not in reused:
-                self.digests.pop(r.name, None)
-        self.committed = state
-        return written, evicted
+
+
+_RANKED = ("best", "top_k", "ensemble")
+
+
+def _amend(lines: list[str], lost: set[str], error: str) -> list[str]:
+    """History lines whose files were never written: what they saved and evicted undone."""
+    out = []
+    for line in lines:
+        entry = json.loads(line)
+        decision = entry.get("decision", {})
+        if lost & set(decision.get("files", [])):
+            decision.update(
+                saved=False, kind=[], files=[], evicted=[], lost=sorted(lost), error=error
+            )
+        out.append(json.dumps(entry, default=str, allow_nan=False) + "\n")
+    return out
+
+
+def _ranked_as_kept(policies: dict[str, Any], kept: list[Record]) -> dict[str, Any]:
+    """Policy states whose ranked checkpoints are exactly the kept files ranked by score."""
+    out = {}
+    for monitor, state in policies.items():
+        ranked = [r for r in kept if r.monitor == monitor and r.kind in _RANKED]
+        known = {c[0]: c for c in state.get("ranked", [])}
+        out[monitor] = {**state, "ranked": [known.get(r.id, [r.id, r.score, None]) for r in ranked]}
+    return out
+
+
+def _best_kept(kept: list[Record], monitor: str, mode: str) -> str | None:
+    scored = [
+        (r.score, r.name)
+        for r in kept
+        if r.monitor == monitor and r.kind in _RANKED and r.score is not None
+    ]
+    if not scored:
+        return None
+    return (max(scored) if mode == "max" else min(scored))[1]
 
 
 def sidecar_text(record: Record) -> str:

@@ -152,8 +152,10 @@ def load_manifest(dirpath: str | os.PathLike[str], **storage_options: Any) -> Ma
         )
 
     def located(record: Record) -> Record:
+        # Committed but not yet renamed (a crash in between): the temporary file holds the
+        # committed bytes, and the final name may still hold an older version.
         tmp = manifest.pending.get(record.name)
-        if tmp and not store.exists(record.name) and store.exists(tmp):
+        if tmp and store.exists(tmp):
             return replace(record, path=join(store.url, tmp))
         return record
 

@@ -39,7 +39,7 @@ from bestsave.naming import (
     sidecar_name,
     unique_name,
 )
-from bestsave.policy import Policy, PolicyState, Smooth
+from bestsave.policy import Candidate, Policy, PolicyState, Smooth
 from bestsave.record import Record, join
 from bestsave.store import TMP_PREFIX, Store, open_store, tmp_name
 from bestsave.tracker import BestSaveWarning, notify
@@ -233,6 +233,8 @@ class BestSaver:
             raise ValueError("extension '.json' is reserved for the sidecar records")
         if on_write_error not in ("raise", "warn"):
             raise ValueError(f"on_write_error must be 'raise' or 'warn', not {on_write_error!r}")
+        if not isinstance(async_write, bool):
+            raise ValueError(f"async_write must be True or False, not {async_write!r}")
         check_template(filename)
         tie = _tie_break_monitor(tie_break)
         self.monitors = [
@@ -297,6 +299,7 @@ class BestSaver:
             },
             history_bytes,
             self._saver_state(),
+            keep_evaluations=on_write_error == "warn",
         )
         self._worker: BackgroundWriter | None = None
         _LIVE.add(self)
@@ -312,14 +315,14 @@ class BestSaver:
         """Record of the best checkpoint by ``monitor`` (one of the saver's monitors)."""
         if monitor not in self._states:
             raise KeyError(f"{monitor!r} is not monitored; monitors: {list(self._states)}")
-        best_id = self._states[monitor].best_id
-        best = next(
-            (
-                r
-                for r in self._kept
-                if r.id == best_id and r.kind in _RANKED and r.monitor == monitor
-            ),
-            None,
+        state = self._states[monitor]
+        ranked = {r.id: r for r in self._kept if r.kind in _RANKED and r.monitor == monitor}
+        # After a lost write the best score's file may not exist: the best kept one stands in.
+        best = (
+            ranked.get(state.best_id)
+            or next((ranked[c.id] for c in state.ranked if c.id in ranked), None)
+            if state.best_id is not None
+            else None
         )
         return self._committer.filled(best) if best else None
 
@@ -391,6 +394,28 @@ class BestSaver:
             warned=tuple(sorted(self._warned)),
         )
 
+    def _forget_lost(self) -> None:
+        """Drop the records of files that were never written; the best score, patience and
+        history stay, so every rank keeps deciding alike."""
+        lost = set(self._committer.lost)
+        restored = [r for r in list(self._committer.restored.values()) if r not in self._kept]
+        if not lost and not restored:
+            return
+        # Files a lost write would have evicted are still there: kept again.
+        self._kept = [r for r in self._kept if r.name not in lost] + restored
+        for name, state in self._states.items():
+            ranked = {c.id: c for c in state.ranked}
+            kept = [r for r in self._kept if r.monitor == name and r.kind in _RANKED]
+            self._states[name] = replace(
+                state,
+                ranked=self.policies[name]._sorted(
+                    [ranked.get(r.id) or Candidate(r.id, r.score or 0.0) for r in kept]
+                ),
+            )
+        if self._last is not None and self._last.name in lost:
+            self._last = self._committer.committed.last
+        self._taken = (self._taken - lost) | {r.name for r in restored}
+
     def _roll_back(self, state: SaverState) -> None:
         """Forget decisions whose files were never committed."""
         self._states = {name: PolicyState.from_dict(d) for name, d in state.policies.items()}
@@ -430,6 +455,9 @@ class BestSaver:
                 "Pass resume=True to continue it, overwrite=True to replace it, "
                 "or choose another directory."
             )
+        if manifest is None:
+            # History written before a first commit that never came belongs to no run.
+            store.truncate(HISTORY, 0)
         for name in store.names():
             if name.startswith(TMP_PREFIX):
                 store.delete(name)
@@ -778,7 +806,10 @@ class BestSaver:
             self._run_job(job, raise_now=True)
             return
         if self._worker is None:
-            self._worker = BackgroundWriter(lambda j: self._run_job(j, raise_now=False))
+            self._worker = BackgroundWriter(
+                lambda j: self._run_job(j, raise_now=False),
+                keep_going=self.on_write_error == "warn",
+            )
         self._worker.submit(job)
 
     def _run_job(self, job: Job, raise_now: bool) -> None:
@@ -801,10 +832,13 @@ class BestSaver:
             self._failed(error)
 
     def _failed(self, error: BaseException, roll_back: bool = True) -> None:
-        """A write failed: forget what it was to commit, then raise or warn as configured."""
-        if roll_back:
+        """A write failed: raise, forgetting what was decided since the last commit, or warn,
+        forgetting only the files that were never written."""
+        stop = isinstance(error, (KeyboardInterrupt, SystemExit)) or self.on_write_error == "raise"
+        if roll_back and stop:
             self._roll_back(self._committer.committed)
-        if isinstance(error, (KeyboardInterrupt, SystemExit)) or self.on_write_error == "raise":
+        self._forget_lost()
+        if stop:
             if isinstance(error, Exception) and not isinstance(error, WriteError):
                 raise WriteError(
                     f"writing a checkpoint to {self.dirpath} failed ({type(error).__name__}: "
@@ -906,7 +940,15 @@ class BestSaver:
     def _release_lock(self) -> None:
         if self._locked:
             self._locked = False
-            lock.release(self._store)
+            try:
+                lock.release(self._store)
+            except OSError as e:  # a directory that turned read-only: the lock goes stale
+                warnings.warn(
+                    f"could not remove the lock in {self.dirpath} ({e}); the next run takes "
+                    "it over once this process has ended",
+                    BestSaveWarning,
+                    stacklevel=3,
+                )
 
     def __enter__(self) -> BestSaver:
         return self

@@ -248,8 +248,15 @@ class FsspecStore:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._path(name))
 
+    def _fresh(self, name: str) -> str:
+        # Another process may have rewritten the file since this one listed the directory:
+        # fsspec's listing cache would answer from the old listing.
+        path = self._path(name)
+        self.fs.invalidate_cache(path)
+        return path
+
     def exists(self, name: str) -> bool:
-        return bool(self.fs.exists(self._path(name)))
+        return bool(self.fs.exists(self._fresh(name)))
 
     def names(self) -> list[str]:
         self.fs.invalidate_cache(self._root)
@@ -263,7 +270,7 @@ class FsspecStore:
 
     def read_text(self, name: str) -> str | None:
         try:
-            with self.fs.open(self._path(name), "rb") as f:
+            with self.fs.open(self._fresh(name), "rb") as f:
                 return f.read().decode("utf-8")
         except FileNotFoundError:
             return None
@@ -293,7 +300,7 @@ class FsspecStore:
 
     def local_file(self, name: str) -> str:
         local = os.path.join(self._scratch_dir, "cache-" + name)
-        self.fs.get_file(self._path(name), local)
+        self.fs.get_file(self._fresh(name), local)
         return local
 
     def sync(self) -> None:

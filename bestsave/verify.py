@@ -142,17 +142,10 @@ def verify(
             expected.add(side)
             problems += _check_sidecar(store, record, side, side in present)
         location = record.name
-        if record.name not in present:
-            tmp = manifest.pending.get(record.name)
-            if tmp is None or tmp not in present:
-                problems.append(
-                    Missing(
-                        record.name,
-                        f"{_what(record)} is listed in the manifest "
-                        "but absent; restore it, or load another kept checkpoint",
-                    )
-                )
-                continue
+        tmp = manifest.pending.get(record.name)
+        if tmp is not None and tmp in present:
+            # Committed but not renamed into place (a crash): the temporary file holds the
+            # committed bytes, whatever an older file of that name holds.
             expected.add(tmp)
             location = tmp
             problems.append(
@@ -162,6 +155,15 @@ def verify(
                     "place (a crash); resume the run (resume=True) to finish it",
                 )
             )
+        elif record.name not in present:
+            problems.append(
+                Missing(
+                    record.name,
+                    f"{_what(record)} is listed in the manifest "
+                    "but absent; restore it, or load another kept checkpoint",
+                )
+            )
+            continue
         problems += _check_bytes(store, record, location, checksums)
 
     for name in manifest.evicting:

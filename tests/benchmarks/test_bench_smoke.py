@@ -1,0 +1,53 @@
+"""The benchmark runs end to end and prints its table (on a model of a few hundred parameters).
+
+Timings are never asserted: on a tiny model they are noise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).parent / "run.py"
+TINY = ["--layers", "2", "--width", "16", "--epochs", "3", "--samples", "4", "--batch", "2"]
+
+
+def bench(tmp_path: Path, frameworks: str) -> tuple[str, dict]:
+    out, raw = tmp_path / "results.md", tmp_path / "raw.json"
+    options = ["--repeats", "1", "--frameworks", frameworks, "--out", str(out), "--raw", str(raw)]
+    proc = subprocess.run(
+        [sys.executable, str(RUN), *TINY, *options, "--tmpdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    assert table in proc.stdout  # the table is printed, and written for the README
+    assert list(tmp_path.glob("bestsave-bench-*")) == []  # every run's checkpoints are gone
+    return table, json.loads(raw.read_text())
+
+
+def test_plain_torch_benchmark_prints_the_table(tmp_path: Path) -> None:
+    table, raw = bench(tmp_path, "torch")
+    assert "| plain PyTorch | no checkpoint callback |" in table
+    assert "`torch.save` in the loop" in table and "`TorchCheckpointer`" in table
+    assert "copy into preallocated host memory" in table
+    assert "Machine: " in table and "torch 2" in table
+    assert "improves at epochs 0, 1, 2 (3 saves)" in table
+    runs = raw["results"]["torch"]
+    assert sorted(runs) == ["none", "ours", "theirs"]
+    assert [len(r["epochs"]) for r in runs["ours"]] == [3]
+
+
+@pytest.mark.slow
+def test_every_framework_benchmark_prints_its_rows(tmp_path: Path) -> None:
+    table, raw = bench(tmp_path, "torch,lightning,keras,fastai")
+    assert raw["errors"] == {}
+    for callback in ("`BestCheckpoint`", "`BestModelCheckpoint`", "`SaveBestModelCallback`"):
+        assert callback in table
+    assert table.count("| no checkpoint callback |") == 4

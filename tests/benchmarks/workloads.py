@@ -1,0 +1,450 @@
+"""One benchmark configuration, run in a fresh process: ``python workloads.py '<spec as JSON>'``.
+
+The spec names a framework (``torch``, ``lightning``, ``keras``, ``fastai``, or ``limit``), a
+configuration (``none``: no checkpoint callback; ``theirs``: the framework's own; ``ours``:
+bestsave's, with the same settings), the model size, the epochs and where to write. The
+result, a JSON object, goes to ``spec["result"]``:
+
+- ``fit_s``: wall time of the fit call, including the final wait for pending writes;
+- ``cpu_s``: CPU time the process spent in that time, every thread's;
+- ``epochs``: per epoch, ``[start, trained, end]`` clock readings: ``trained`` is when the
+  epoch's training (and validation) finished, ``end`` when the next epoch started (or training
+  ended), so ``end - trained`` is the pause at the epoch's end, where checkpoint callbacks run;
+- ``saves``: the epochs whose score improved (those where a best is saved);
+- ``hwm_mb``: the process's peak resident memory (``VmHWM``) when the last epoch ended.
+
+Every framework trains the same model (``layers`` square ``Linear``/``Dense`` layers) with plain
+SGD on the same few random samples, and logs the same scripted metric, ``scripted_loss``, which
+improves at epochs 0, 1, 2, 4, 7, 11, 16, ... (six saves in 12 epochs).
+
+Example (a model of a few kilobytes, in this process)::
+
+    >>> import json, os, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> spec = dict(framework="torch", config="ours", layers=2, width=8, epochs=3, samples=4,
+    ...             batch=2, dir=os.path.join(d, "ckpt"), result=os.path.join(d, "r.json"))
+    >>> run(spec)
+    >>> r = json.load(open(spec["result"]))
+    >>> r["saves"], len(r["epochs"]), sorted(os.listdir(spec["dir"]))[0]
+    ([0, 1, 2], 3, 'bestsave.json')
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+MONITOR = "scripted_loss"
+
+
+def improves(epoch: int) -> bool:
+    """Whether the scripted metric improves at ``epoch``: 0, then 1, 2, 4, 7, 11, 16, ...
+
+    >>> [e for e in range(12) if improves(e)]
+    [0, 1, 2, 4, 7, 11]
+    """
+    if epoch == 0:
+        return True
+    n = (1 + math.isqrt(8 * epoch - 7)) // 2  # solve 1 + n(n-1)/2 == epoch
+    return 1 + n * (n - 1) // 2 == epoch
+
+
+def scripted_loss(epoch: int) -> float:
+    """The monitored value at ``epoch``: a new minimum exactly where :func:`improves` says.
+
+    >>> [scripted_loss(e) for e in range(5)]
+    [99.0, 98.0, 97.0, 97.5, 96.0]
+    """
+    best = 100.0 - sum(improves(e) for e in range(epoch + 1))
+    return best if improves(epoch) else best + 0.5
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux ``VmHWM``), in MB; NaN elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return math.nan
+
+
+def cpu_seconds() -> float:
+    """User and system CPU time of this process, all its threads (a background writer's too)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class EpochClock:
+    """Clock readings at the start of each epoch, when its training ended, and at its end; and
+    the wall and CPU time of the whole fit."""
+
+    def __init__(self) -> None:
+        self.epochs: list[list[float]] = []
+        self.hwm_mb = math.nan
+        self.fit_s = self.cpu_s = math.nan
+        self._fit_started = (0.0, 0.0)
+
+    def begin_fit(self) -> None:
+        self._fit_started = (time.perf_counter(), cpu_seconds())
+
+    def end_fit(self) -> None:
+        self.fit_s = time.perf_counter() - self._fit_started[0]
+        self.cpu_s = cpu_seconds() - self._fit_started[1]
+
+    def start(self) -> None:
+        now = time.perf_counter()
+        self._close(now)
+        self.epochs.append([now, now, math.nan])
+
+    def trained(self) -> None:
+        self.epochs[-1][1] = time.perf_counter()
+
+    def stop(self) -> None:
+        self._close(time.perf_counter())
+        self.hwm_mb = peak_rss_mb()
+
+    def _close(self, now: float) -> None:
+        if self.epochs and math.isnan(self.epochs[-1][2]):
+            self.epochs[-1][2] = now
+
+
+# -- the model and data, the same for every framework ------------------------------------------
+
+
+def torch_model(layers: int, width: int) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    modules: list[Any] = []
+    for i in range(layers):
+        modules.append(torch.nn.Linear(width, width))
+        if i < layers - 1:
+            modules.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*modules)
+
+
+def data(spec: dict[str, Any]) -> tuple[Any, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(spec["samples"], spec["width"], generator=g)
+    return x, torch.randn(spec["samples"], spec["width"], generator=g) * 0.1
+
+
+LR = 1e-4
+
+
+# -- plain PyTorch ------------------------------------------------------------------------------
+
+
+def fit_torch(spec: dict[str, Any], clock: EpochClock) -> None:
+    import torch
+
+    from bestsave.adapters.torch import TorchCheckpointer
+
+    model = torch_model(spec["layers"], spec["width"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = data(spec)
+    config, batch = spec["config"], spec["batch"]
+    path = os.path.join(spec["dir"], "best.pth")
+    os.makedirs(spec["dir"], exist_ok=True)
+    ckpt = None
+    if config == "ours":
+        ckpt = TorchCheckpointer(
+            spec["dir"], monitor=MONITOR, mode="min", save_weights_only=True, trackers=()
+        )
+    best = math.inf
+
+    clock.begin_fit()
+    for epoch in range(spec["epochs"]):
+        clock.start()
+        for i in range(0, len(x), batch):
+            loss = torch.nn.functional.mse_loss(model(x[i : i + batch]), y[i : i + batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        clock.trained()
+        score = scripted_loss(epoch)
+        if ckpt is not None:
+            ckpt.step(epoch, {MONITOR: score, "loss": loss.item()}, model=model)
+        elif config == "theirs" and score < best:
+            # What a hand-written loop does: save the state dict when the metric improves.
+            best = score
+            torch.save(model.state_dict(), path)
+    clock.stop()
+    if ckpt is not None:
+        ckpt.close()  # the wait for pending writes counts
+    clock.end_fit()
+
+
+# -- Lightning ----------------------------------------------------------------------------------
+
+
+def fit_lightning(spec: dict[str, Any], clock: EpochClock) -> None:
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from bestsave.adapters.lightning import BestCheckpoint
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch_model(spec["layers"], spec["width"])
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            xb, yb = batch
+            return torch.nn.functional.mse_loss(self.net(xb), yb)
+
+        def on_train_epoch_end(self) -> None:
+            self.log(MONITOR, scripted_loss(self.current_epoch))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    class Timer(Callback):
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            clock.start()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            clock.trained()
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            clock.stop()  # Lightning runs checkpoint callbacks last: before BestCheckpoint's flush
+
+    x, y = data(spec)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=spec["batch"]
+    )
+    callbacks: list[Any] = [Timer()]
+    if spec["config"] == "theirs":
+        callbacks.append(
+            ModelCheckpoint(dirpath=spec["dir"], monitor=MONITOR, mode="min", save_top_k=1)
+        )
+    elif spec["config"] == "ours":
+        callbacks.append(
+            BestCheckpoint(
+                dirpath=spec["dir"], monitor=MONITOR, mode="min", save_top_k=1, trackers=()
+            )
+        )
+    trainer = pl.Trainer(
+        max_epochs=spec["epochs"],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=spec["config"] != "none",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=spec["dir"],
+    )
+    module = Module()
+    clock.begin_fit()
+    trainer.fit(module, train_dataloaders=loader)
+    clock.end_fit()
+
+
+# -- Keras 3 (torch backend) --------------------------------------------------------------------
+
+
+def fit_keras(spec: dict[str, Any], clock: EpochClock) -> None:
+    import keras
+
+    from bestsave.adapters.keras import BestModelCheckpoint
+
+    class Timer(keras.callbacks.Callback):
+        # First in the list: it runs before the checkpoint callback at every event, and the
+        # scripted metric it adds to the epoch's logs is what the checkpoint callback reads.
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            clock.start()
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            clock.trained()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            logs[MONITOR] = scripted_loss(epoch)
+
+        def on_train_end(self, logs: Any = None) -> None:
+            clock.stop()
+
+    keras.utils.set_random_seed(0)
+    width = spec["width"]
+    model = keras.Sequential(
+        [keras.Input((width,))]
+        + [
+            keras.layers.Dense(width, activation="relu" if i < spec["layers"] - 1 else None)
+            for i in range(spec["layers"])
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    x, y = (t.numpy() for t in data(spec))
+    os.makedirs(spec["dir"], exist_ok=True)
+    callbacks: list[Any] = [Timer()]
+    if spec["config"] == "theirs":
+        callbacks.append(
+            keras.callbacks.ModelCheckpoint(
+                os.path.join(spec["dir"], "best.weights.h5"),
+                monitor=MONITOR,
+                mode="min",
+                save_best_only=True,
+                save_weights_only=True,
+            )
+        )
+    elif spec["config"] == "ours":
+        callbacks.append(
+            BestModelCheckpoint(
+                os.path.join(spec["dir"], "best.weights.h5"),
+                monitor=MONITOR,
+                mode="min",
+                save_best_only=True,
+                save_weights_only=True,
+                trackers=(),
+            )
+        )
+    clock.begin_fit()
+    model.fit(
+        x,
+        y,
+        batch_size=spec["batch"],
+        epochs=spec["epochs"],
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    clock.end_fit()
+
+
+# -- fastai -------------------------------------------------------------------------------------
+
+
+def fit_fastai(spec: dict[str, Any], clock: EpochClock) -> None:
+    import numpy as np
+    import torch
+    from fastai.callback.core import Callback
+    from fastai.callback.tracker import SaveModelCallback
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner, ValueMetric
+    from fastai.optimizer import SGD
+
+    from bestsave.adapters.fastai import SaveBestModelCallback
+
+    class Timer(Callback):
+        order = -10  # its after_fit runs before the checkpoint callbacks load the best
+
+        def before_epoch(self) -> None:
+            clock.start()
+
+        def after_validate(self) -> None:
+            clock.trained()
+
+        def after_fit(self) -> None:
+            clock.stop()
+
+    x, y = data(spec)
+    train = torch.utils.data.TensorDataset(x, y)
+    valid = torch.utils.data.TensorDataset(x[:2], y[:2])
+    dls = DataLoaders(
+        DataLoader(train, bs=spec["batch"]), DataLoader(valid, bs=spec["batch"]), device="cpu"
+    )
+    callbacks: list[Any] = [Timer()]
+    if spec["config"] == "theirs":
+        callbacks.append(SaveModelCallback(monitor=MONITOR, comp=np.less))
+    elif spec["config"] == "ours":
+        callbacks.append(SaveBestModelCallback(monitor=MONITOR, comp=np.less))
+    learn: Any  # the metric reads the epoch of the learner it is given to
+    learn = Learner(
+        dls,
+        torch_model(spec["layers"], spec["width"]),
+        loss_func=torch.nn.functional.mse_loss,
+        opt_func=SGD,
+        lr=LR,
+        metrics=ValueMetric(lambda: scripted_loss(learn.epoch), MONITOR),
+        path=spec["dir"],
+        cbs=callbacks,
+    )
+    with learn.no_bar(), learn.no_logging():
+        clock.begin_fit()
+        learn.fit(spec["epochs"], lr=LR)
+        clock.end_fit()
+
+
+# -- the limit: a copy into host memory allocated beforehand ------------------------------------
+
+
+def measure_limit(spec: dict[str, Any]) -> dict[str, Any]:
+    """Seconds to copy the state dict into preallocated host tensors, for a fresh ``clone()``
+    and for ``torch.save`` to the checkpoint directory (medians of ``spec["times"]`` tries)."""
+    import statistics
+
+    import torch
+
+    state = torch_model(spec["layers"], spec["width"]).state_dict()
+    dst = {k: torch.empty_like(v) for k, v in state.items()}
+    for k, v in state.items():  # touch every page once: the buffers are "allocated beforehand"
+        dst[k].copy_(v)
+    os.makedirs(spec["dir"], exist_ok=True)
+    path = os.path.join(spec["dir"], "limit.pth")
+
+    def timed(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(spec.get("times", 5)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def copy() -> None:
+        with torch.no_grad():
+            for k, v in state.items():
+                dst[k].copy_(v)
+
+    def clone() -> None:
+        {k: v.clone() for k, v in state.items()}
+
+    return {
+        "copy_s": timed(copy),
+        "clone_s": timed(clone),
+        "torch_save_s": timed(lambda: torch.save(state, path)),
+        "state_mb": sum(v.numel() * v.element_size() for v in state.values()) / 1e6,
+    }
+
+
+FITS: dict[str, Callable[[dict[str, Any], EpochClock], None]] = {
+    "torch": fit_torch,
+    "lightning": fit_lightning,
+    "keras": fit_keras,
+    "fastai": fit_fastai,
+}
+
+
+def run(spec: dict[str, Any]) -> None:
+    """Run the configuration ``spec`` describes and write its result to ``spec["result"]``."""
+    if spec["framework"] == "limit":
+        result = measure_limit(spec)
+    else:
+        clock = EpochClock()
+        FITS[spec["framework"]](spec, clock)
+        result = {
+            "fit_s": clock.fit_s,
+            "cpu_s": clock.cpu_s,
+            "epochs": clock.epochs,
+            "saves": [e for e in range(spec["epochs"]) if improves(e)],
+            "hwm_mb": clock.hwm_mb,
+        }
+    with open(spec["result"], "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    run(json.loads(sys.argv[1]))

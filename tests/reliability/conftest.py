@@ -1,0 +1,121 @@
+"""What "nothing lost" means, as checks on a run's directory shared by the reliability tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bestsave import Manifest, fetch, load_manifest
+from bestsave.store import TMP_PREFIX, open_store
+from bestsave.verify import verify
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on at the moment, on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def names(dirpath: str | os.PathLike[str], **storage_options: Any) -> list[str]:
+    """The files in a run's directory (local or remote); none when it does not exist."""
+    return open_store(os.fspath(dirpath), **storage_options).names()
+
+
+def leftovers(dirpath: str | os.PathLike[str], **storage_options: Any) -> list[str]:
+    """Temporary files of interrupted writes."""
+    return [n for n in names(dirpath, **storage_options) if n.startswith(TMP_PREFIX)]
+
+
+def assert_intact(dirpath: str | os.PathLike[str], **storage_options: Any) -> Manifest:
+    """Every file the manifest names is there and matches its sha256; the best one loads.
+
+    ``fetch`` raises :class:`bestsave.ChecksumError` or ``FileNotFoundError`` otherwise. Torch
+    checkpoints are loaded with ``weights_only=True`` and must be the epoch their record says.
+    """
+    manifest = load_manifest(dirpath, **storage_options)
+    records = [*manifest.kept, *([manifest.last] if manifest.last else [])]
+    local = {r.name: fetch(r, **storage_options) for r in records}
+    best = manifest.best
+    if best is not None and best.name.endswith((".pth", ".ckpt")):
+        import torch
+
+        state = torch.load(local[best.name], map_location="cpu", weights_only=True)
+        epoch = state.get("epoch")
+        assert epoch == best.epoch, f"{best.name} holds epoch {epoch}, its record says {best.epoch}"
+    return manifest
+
+
+def crash_problems(dirpath: str | os.PathLike[str], **storage_options: Any) -> list[str]:
+    """What ``verify`` finds beyond what a crash may leave for the next start to clean
+    (temporary files, a commit not yet renamed into place, an evicted file not yet deleted, a
+    sidecar not yet written): an empty list when nothing committed is damaged."""
+    return [
+        str(p)
+        for p in verify(dirpath, **storage_options)
+        if not (p.kind == "leftover" or (p.kind == "missing" and p.name.endswith(".json")))
+    ]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3-compatible server (moto) on a free loopback port, for the whole session."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    pytest.importorskip("boto3")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", endpoint.rsplit(":", 1)[1]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not start on {endpoint}")
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture(scope="session")
+def forkserver() -> Any:
+    """A multiprocessing context whose children fork from a server that imported torch (and
+    Lightning) already: a training process starts in milliseconds instead of seconds."""
+    import multiprocessing
+
+    pytest.importorskip("torch")
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))  # the server imports kill_train from here
+    context = multiprocessing.get_context("forkserver")
+    preload = ["torch", "bestsave.adapters.torch", "kill_train"]
+    try:
+        import bestsave.adapters.lightning  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        preload += ["lightning.pytorch", "bestsave.adapters.lightning"]
+    context.set_forkserver_preload(preload)
+    return context

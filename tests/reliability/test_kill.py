@@ -1,0 +1,326 @@
+"""SIGKILL at random moments: nothing committed is lost, and resuming ends where a clean run ends.
+
+A training process (``scripts/kill_train.py``: a few MB of state saved every epoch, top 3,
+periodic files, ``last`` and patience) is killed with SIGKILL at moments drawn from a seeded
+schedule: while it writes in the background, between the manifest and the renames, while it
+recovers from the previous kill. After every kill:
+
+- every file the manifest names exists and matches its sha256, and the best one loads with
+  ``torch.load(weights_only=True)`` and is the epoch its record says;
+- ``bestsave.verify`` finds nothing but what a crash may leave (temporary files, a commit not yet
+  renamed into place, an evicted file not yet deleted, a sidecar not yet written);
+- the next start cleans all of it before training goes on (``verify`` finds nothing at all);
+
+and the run, resumed again and again until it ends, keeps the same files (epochs, kinds, names,
+bytes of the weights), history and decisions as the same run never interrupted.
+
+The number of kills is ``BESTSAVE_KILLS`` (default 30; ``nox -s stress`` sets 300). Processes
+are forked from a server that has imported torch already, so a start costs milliseconds, not an
+interpreter start; ``test_killed_fresh_interpreters_resume`` runs the script as users do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bestsave import BestSaver, fetch
+from bestsave.verify import load_history, verify
+
+from .conftest import SCRIPTS, assert_intact, crash_problems, leftovers, names
+
+sys.path.insert(0, str(SCRIPTS))
+import kill_train
+
+KILLS = int(os.environ.get("BESTSAVE_KILLS", "30"))
+SEED = int(os.environ.get("BESTSAVE_KILL_SEED", "20240607"))
+TIMEOUT = 120.0  # seconds one message from the child may take before the test fails
+
+
+def lightning_works() -> bool:
+    try:
+        from bestsave.adapters.lightning import BestCheckpoint  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Where(NamedTuple):
+    """A run's directory: a local path or a URL, with its fsspec options."""
+
+    url: str
+    options: dict[str, Any]
+    epochs: int | None = None
+    """Train this many epochs instead of the script's default."""
+
+    def sub(self, name: str) -> Where:
+        return Where(f"{self.url.rstrip('/')}/{name}", self.options, self.epochs)
+
+    def has_run(self) -> bool:
+        return "bestsave.json" in names(self.url, **self.options)
+
+
+class Child:
+    """One start of the training run, forked from the server; killed or left to finish."""
+
+    def __init__(self, context: Any, framework: str, where: Where, async_write: bool) -> None:
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(
+            target=kill_train.run_in_child,
+            args=(child_conn, framework, where.url, async_write, where.options, where.epochs),
+            daemon=True,
+        )
+        self.process.start()
+        child_conn.close()
+
+    def receive(self) -> tuple[str, int] | None:
+        """The next progress message, or None once the process is gone."""
+        if not self.conn.poll(TIMEOUT):
+            self.kill()
+            pytest.fail(f"the training process sent nothing for {TIMEOUT} s")
+        try:
+            return self.conn.recv()  # type: ignore[no-any-return]
+        except EOFError:
+            return None
+
+    def go(self) -> None:
+        self.conn.send("go")
+
+    def kill(self) -> bool:
+        """SIGKILL; False when the run had ended by itself already."""
+        try:
+            os.kill(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        # Wait until it is reaped: a zombie keeps its pid, and the lock would count it alive.
+        self.process.join()
+        if self.process.exitcode == 0:
+            return False
+        self.conn.close()
+        return True
+
+    def finish(self, message: tuple[str, int] | None = ("ready", 0)) -> None:
+        """Wait for the run to end; ``message`` is the last one already received."""
+        while message is not None and message[0] != "done":
+            message = self.receive()
+        assert message is not None, "the training process died before it finished"
+        self.process.join(TIMEOUT)
+        assert self.process.exitcode == 0, f"the training process exited {self.process.exitcode}"
+        self.conn.close()
+
+
+def check_after_kill(where: Where) -> bool:
+    """Nothing committed is lost; returns whether the kill interrupted a write."""
+    if not where.has_run():
+        # Killed before the first commit: only temporary files and the lock may be there.
+        stray = [
+            n
+            for n in names(where.url, **where.options)
+            if not n.startswith(".bestsave-tmp-") and n != "bestsave.lock"
+        ]
+        assert stray in ([], ["history.jsonl"]), f"files outside any commit: {stray}"
+        return bool(leftovers(where.url, **where.options))
+    assert_intact(where.url, **where.options)
+    assert crash_problems(where.url, **where.options) == []
+    return bool(verify(where.url, **where.options) or leftovers(where.url, **where.options))
+
+
+def check_clean_start(where: Where) -> None:
+    """The next start owns the directory: no temporary file, nothing for verify to report."""
+    assert leftovers(where.url, **where.options) == []
+    if where.has_run():
+        assert [str(p) for p in verify(where.url, **where.options)] == []
+
+
+def weights(record: Any, framework: str, options: dict[str, Any]) -> dict[str, Any]:
+    state = torch.load(fetch(record, **options), map_location="cpu", weights_only=True)
+    return state["model"] if framework == "torch" else state["state_dict"]
+
+
+def assert_same_run(where: Where, reference: Where, framework: str) -> None:
+    """The resumed run kept what the uninterrupted one kept, byte for byte in the weights."""
+    got = assert_intact(where.url, **where.options)
+    want = assert_intact(reference.url, **reference.options)
+    assert [str(p) for p in verify(where.url, **where.options)] == []
+
+    def kept(m: Any) -> list[tuple[int, str, str, float | None]]:
+        return [(r.epoch, r.kind, r.name, r.score) for r in m.kept]
+
+    assert kept(got) == kept(want)
+    assert got.best.name == want.best.name
+    assert got.last.epoch == want.last.epoch
+    # The saver's whole state (best score, patience counter, ranking, warnings) but the size of
+    # a history whose lines hold times.
+    assert {**got.state, "history_bytes": 0} == {**want.state, "history_bytes": 0}
+
+    def history(w: Where) -> list[tuple[Any, ...]]:
+        return [(h["epoch"], h["score"], h["decision"]) for h in load_history(w.url, **w.options)]
+
+    assert history(where) == history(reference)
+    for a, b in [*zip(got.kept, want.kept), (got.last, want.last)]:
+        assert a.metrics == b.metrics, a.name
+        mine = weights(a, framework, where.options)
+        theirs = weights(b, framework, reference.options)
+        for key in theirs:
+            assert torch.equal(mine[key], theirs[key]), f"{a.name}: {key} differs"
+
+
+def reference_run(context: Any, framework: str, where: Where) -> Where:
+    child = Child(context, framework, where, async_write=True)
+    assert child.receive() == ("ready", 0)
+    child.go()
+    child.finish()
+    return where
+
+
+def kill_and_resume(context: Any, framework: str, base: Where, kills: int, seed: int) -> None:
+    """Kill ``kills`` times on a seeded schedule; every run that ends must equal the reference.
+
+    Each start writes asynchronously or not at random. A tenth of the kills land during the
+    start itself (recovering from the previous kill); the rest a random number of epochs after
+    the start, then a random fraction of an epoch or two later (inside a write, mostly).
+    """
+    reference = reference_run(context, framework, base.sub("reference"))
+    rng = random.Random(seed)
+    rounds, done, interrupted = 0, 0, 0
+    where = base.sub("run-0")
+    startup, epoch_time = 0.05, 0.05  # seconds; measured as the test goes
+    while True:
+        child = Child(context, framework, where, async_write=rng.random() < 0.75)
+        started = time.monotonic()
+        if done < kills and rng.random() < 0.1:
+            time.sleep(rng.uniform(0.0, startup))
+            assert child.kill(), "the run cannot have ended before it was told to go"
+            done += 1
+            interrupted += check_after_kill(where)
+            continue
+        message = child.receive()
+        assert message is not None and message[0] == "ready", message
+        startup = 0.8 * startup + 0.2 * (time.monotonic() - started)
+        check_clean_start(where)
+        child.go()
+        if done >= kills:
+            child.finish()
+            assert_same_run(where, reference, framework)
+            break
+        target = message[1] + rng.randint(0, 10)
+        delay = rng.uniform(0.0, 2.0)
+        last_seen = time.monotonic()
+        while (message := child.receive()) is not None and message[0] == "stepped":
+            now = time.monotonic()
+            epoch_time = 0.9 * epoch_time + 0.1 * (now - last_seen)
+            last_seen = now
+            if message[1] >= target:
+                time.sleep(delay * epoch_time)
+                if child.kill():
+                    done += 1
+                    interrupted += check_after_kill(where)
+                    break
+        else:
+            # The run ended before its kill came: it must be the reference run; start another.
+            child.finish(message)
+            assert_same_run(where, reference, framework)
+            rounds += 1
+            where = base.sub(f"run-{rounds}")
+    print(f"{framework}: {done} kills, {interrupted} inside a write, {rounds} runs ended between")
+    # The schedule must have interrupted writes, or this test proves little.
+    assert interrupted >= min(kills, 10) // 10, f"only {interrupted} of {kills} kills hit a write"
+
+
+def test_killed_torch_training_loses_nothing_and_resumes_to_the_same_files(tmp_path, forkserver):
+    kill_and_resume(forkserver, "torch", Where(str(tmp_path), {}), KILLS, SEED)
+
+
+@pytest.mark.slow
+def test_killed_torch_training_300_times(tmp_path, forkserver):
+    kill_and_resume(forkserver, "torch", Where(str(tmp_path), {}), max(KILLS, 300), SEED + 1)
+
+
+@pytest.mark.skipif(not lightning_works(), reason="bestsave.adapters.lightning is not importable")
+def test_killed_lightning_training_loses_nothing_and_resumes_to_the_same_files(
+    tmp_path, forkserver
+):
+    kill_and_resume(forkserver, "lightning", Where(str(tmp_path), {}), KILLS, SEED + 2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not lightning_works(), reason="bestsave.adapters.lightning is not importable")
+def test_killed_lightning_training_300_times(tmp_path, forkserver):
+    kill_and_resume(forkserver, "lightning", Where(str(tmp_path), {}), max(KILLS, 300), SEED + 4)
+
+
+def test_killed_fresh_interpreters_resume(tmp_path):
+    """The script run as users run it, a new interpreter each time, killed mid-run twice."""
+    reference, run = Where(str(tmp_path / "reference"), {}), Where(str(tmp_path / "run"), {})
+    command = [sys.executable, str(SCRIPTS / "kill_train.py"), "--epochs", "50"]
+    subprocess.run([*command, reference.url], check=True, capture_output=True, timeout=300)
+    for target in (15, 35):
+        process = subprocess.Popen(
+            [*command, run.url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("stepped") and int(line.split()[1]) >= target:
+                break
+        process.send_signal(signal.SIGKILL)
+        process.wait(60)
+        check_after_kill(run)
+    subprocess.run([*command, run.url], check=True, capture_output=True, timeout=300)
+    assert_same_run(run, reference, "torch")
+
+
+# -- kills at one chosen instant, for the cases the random schedule hits only now and then ---------
+
+
+def crash(dirpath: Path | str, point: str, options: dict[str, Any] | None = None) -> None:
+    """Run ``scripts/crash_at.py``: a save that dies at ``point``."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "crash_at.py"),
+            str(dirpath),
+            point,
+            json.dumps(options or {}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 9, result.stderr
+
+
+def test_a_crash_between_the_commit_and_the_rename_leaves_the_committed_last_readable(tmp_path):
+    """The manifest names epoch 2's ``last``; ``last`` on disk still holds epoch 1's bytes and
+    the committed ones wait under their temporary name. Readers (``load_manifest``, ``fetch``,
+    ``verify``) must find the committed bytes, not report the intact run as damaged."""
+    crash(tmp_path, "after-commit")
+    manifest = assert_intact(tmp_path)  # fetch() of every record, last included
+    assert manifest.last.epoch == 2
+    assert open(fetch(manifest.last)).read() == "epoch 2"
+    assert crash_problems(tmp_path) == []
+    BestSaver(tmp_path, monitor="val_loss", save_last=True, resume=True, trackers=()).close()
+    assert [str(p) for p in verify(tmp_path)] == []
+    assert (tmp_path / "last").read_text() == "epoch 2"
+
+
+def test_a_run_killed_before_its_first_commit_leaves_no_history_to_the_next_run(tmp_path):
+    """The history line of an evaluation that was never committed must not become part of the
+    run started next in the same directory."""
+    crash(tmp_path, "before-first-commit")
+    assert not (tmp_path / "bestsave.json").exists()
+    saver = BestSaver(tmp_path, monitor="val_loss", save_last=True, resume=True, trackers=())
+    saver.step(0, {"val_loss": 0.5}, write=lambda p: open(p, "w").write("epoch 0"))
+    saver.close()
+    assert [h["epoch"] for h in load_history(tmp_path)] == [0]
+    assert [str(p) for p in verify(tmp_path)] == []
