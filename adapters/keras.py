@@ -27,7 +27,9 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
 import string
+import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -35,7 +37,7 @@ from typing import Any, Literal
 import keras
 from keras.src.utils.io_utils import print_msg
 
-from bestsave import BestSaver, Decision, MissingMetricError, Record, fetch
+from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged, fetch
 from bestsave.monitor import Monitor, infer_mode
 from bestsave.naming import DEFAULT_TEMPLATE, check_template
 from bestsave.policy import Policy, Smooth
@@ -179,8 +181,9 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             kept files and patience count carry over (a new run when there is none). Use it
             with `keras.callbacks.BackupAndRestore` to resume the training state too.
         overwrite: Delete the files of the run in the directory, then start afresh.
-        async_write: Passed to `bestsave.BestSaver`. Keras saves from the live model, so files
-            are written before the callback returns either way.
+        async_write: Keras saves from the live model, so the file is written before the
+            callback returns; with `True` (the default) hashing, syncing, renaming and recording
+            it run in the background, and `fit` waits for them at its end.
         on_write_error: `"raise"` stops training with the write's error; `"warn"` trains on.
         storage_options: Passed to fsspec when `filepath` is a URL (`s3://bucket/run/`).
     """
@@ -367,7 +370,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         decision = saver.step(
             epoch,
             metrics,
-            write=self._write,
+            write=Staged(self._capture, self._place),
             step=self._global_step(),
             fields=self._keras_numbers(epoch, batch),
         )
@@ -414,12 +417,31 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             return None
         return int(keras.ops.convert_to_numpy(optimizer.iterations))
 
-    def _write(self, path: str) -> None:
-        # `path` ends with the kept file's name, so Keras sees the extension it checks for.
+    def _save(self, path: str) -> None:
+        # `path` ends with the format's extension, which Keras checks.
         if self.save_weights_only:
             self.model.save_weights(path, overwrite=True)
         else:
             self.model.save(path, overwrite=True)
+
+    def _capture(self) -> _SavedFile:
+        """Keras saves from the live model, here; the saver hashes, syncs, renames and records
+        the file in the background."""
+        local = self.dirpath if "://" not in self.dirpath else tempfile.gettempdir()
+        os.makedirs(local, exist_ok=True)
+        fd, path = tempfile.mkstemp(suffix=self._extension, prefix=".bestsave-tmp-", dir=local)
+        os.close(fd)
+        saved = _SavedFile(path)
+        try:
+            self._save(path)
+        except BaseException:
+            saved.release()
+            raise
+        return saved
+
+    @staticmethod
+    def _place(saved: _SavedFile, path: str) -> None:
+        shutil.move(saved.path, path)
 
     def _report(self, epoch: int, previous: float | None, decision: Decision) -> None:
         where = f"\nEpoch {epoch + 1}"
@@ -486,3 +508,14 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         model.load_weights(fetch(best, **dict(self._options["storage_options"] or {})))
         for variable, value in zip(optimizer_variables, optimizer_state, strict=True):
             variable.assign(value)
+
+
+class _SavedFile:
+    """A file Keras wrote; deleted unless the saver moves it into place."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def release(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)

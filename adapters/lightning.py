@@ -33,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
@@ -386,7 +386,12 @@ class BestCheckpoint(ModelCheckpoint):
         if isinstance(checkpoint_io, AsyncCheckpointIO) and checkpoint_io.checkpoint_io:
             # bestsave already writes in the background; the file must exist on return.
             checkpoint_io = checkpoint_io.checkpoint_io
-        checkpoint_io.save_checkpoint(snapshot.state, path)
+        if type(checkpoint_io) is TorchCheckpointIO:
+            # Its save goes through an in-memory copy of the whole file first (a third copy of
+            # the state); the path is local and temporary, so torch.save straight to it is safe.
+            torch.save(snapshot.state, path)
+        else:
+            checkpoint_io.save_checkpoint(snapshot.state, path)
 
     # -- when to evaluate --------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Callable
 
@@ -67,6 +69,10 @@ class BackgroundWriter:
             return error
 
     def _loop(self) -> None:
+        # Training comes first: on a busy machine the writer's serialising and hashing must
+        # not slow the training steps it runs beside (back-pressure bounds how far it lags).
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending is not None)

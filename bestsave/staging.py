@@ -31,7 +31,6 @@ class Stager:
     def __init__(self, slots: int = 2) -> None:
         self._slots: list[dict[tuple[Any, ...], Any]] = [{} for _ in range(slots)]
         self._busy = [threading.Event() for _ in range(slots)]
-        self._next = 0
         self._lock = threading.Lock()
 
     def snapshot(self, state: Any) -> Snapshot:
@@ -53,11 +52,11 @@ class Stager:
 
     def _take_slot(self) -> int:
         with self._lock:
-            for _ in range(len(self._slots)):
-                slot = self._next
-                self._next = (self._next + 1) % len(self._slots)
-                if not self._busy[slot].is_set():
-                    return slot
+            free = [i for i, busy in enumerate(self._busy) if not busy.is_set()]
+            # A free slot that already holds buffers costs no allocation; a second set is
+            # allocated only while the first is being written.
+            for slot in sorted(free, key=lambda i: not self._slots[i]):
+                return slot
             # Every slot is being written: a fresh one (freed with the snapshot) keeps going.
             self._slots.append({})
             self._busy.append(threading.Event())
