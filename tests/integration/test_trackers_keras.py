@@ -1,0 +1,75 @@
+"""Keras with a W&B run already active: the model artifact and summary are the best epoch's."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+keras = pytest.importorskip("keras")
+wandb = pytest.importorskip("wandb")
+
+from wandb_reader import read_run
+
+from bestsave import load_best
+from bestsave.adapters.keras import BestModelCheckpoint
+
+VAL_SCORE = [0.2, 0.7, 0.5, 0.6]  # best at epoch 1; the last epoch is worse
+
+
+class Script(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_score"] = VAL_SCORE[epoch]
+
+
+@pytest.fixture
+def wandb_dir(tmp_path, monkeypatch):
+    wandb.teardown()  # wandb reads the environment once per process
+    root = tmp_path / "wandb"
+    root.mkdir()
+    for var, value in {
+        "WANDB_MODE": "offline", "WANDB_DIR": root, "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off", "WANDB_DATA_DIR": root / "data", "WANDB_CACHE_DIR": root / "cache",
+        "WANDB_CONFIG_DIR": root / "config", "WANDB_ARTIFACT_DIR": root / "artifacts",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(var, str(value))
+    yield root
+    wandb.teardown()
+
+
+def test_an_active_run_gets_the_best_epochs_model_and_metrics(tmp_path, wandb_dir):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 4)).astype("float32")
+    y = (x[:, :1] > 0).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, "sigmoid")])
+    model.compile(keras.optimizers.Adam(0.05), "binary_crossentropy", metrics=["accuracy"])
+
+    run = wandb.init(project="bestsave-keras")  # the run a Keras user already has open
+    checkpoint = BestModelCheckpoint(
+        tmp_path / "ckpt" / "{epoch:02d}.weights.h5", monitor="val_score", save_best_only=True
+    )
+    model.fit(
+        x[:32],
+        y[:32],
+        validation_data=(x[32:], y[32:]),
+        epochs=len(VAL_SCORE),
+        batch_size=8,
+        verbose=0,
+        callbacks=[Script(), checkpoint],
+    )
+    run.finish()
+
+    best = load_best(tmp_path / "ckpt")
+    assert best.epoch == 1
+    logged = read_run(wandb_dir, run_id=run.id)
+    versions = logged.artifacts(type="model")
+    final = next(a for a in reversed(versions) if "best" in a.aliases)
+    assert final.metadata["epoch"] == 1 and "epoch-1" in final.aliases
+    assert final.metadata["metrics"]["val_score"] == pytest.approx(0.7)
+    assert logged.summary["best_val_score"] == pytest.approx(0.7)
+    assert logged.summary["best_epoch"] == 1
+    for key in ("val_loss", "val_accuracy", "loss"):
+        assert logged.summary[f"best_{key}"] == pytest.approx(best.metrics[key])
