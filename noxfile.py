@@ -88,6 +88,7 @@ def bench(session: nox.Session) -> None:
         *session.posargs,
         env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )
+    session.run("python", "tests/benchmarks/decisions.py")
 
 
 @nox.session

@@ -31,6 +31,7 @@ class BackgroundWriter:
         self._pending: Job | None = None
         self._busy = False
         self._error: BaseException | None = None
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -63,6 +64,13 @@ class BackgroundWriter:
             )
             self._cond.wait_for(lambda: not self._busy)
 
+    def stop(self) -> None:
+        """Run what is submitted, then end the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+
     def take_error(self) -> BaseException | None:
         with self._cond:
             error, self._error = self._error, None
@@ -75,7 +83,9 @@ class BackgroundWriter:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._pending is not None)
+                self._cond.wait_for(lambda: self._pending is not None or self._closed)
+                if self._pending is None:
+                    return
                 job, self._pending = self._pending, None
                 self._busy = True
                 self._cond.notify_all()

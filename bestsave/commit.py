@@ -206,8 +206,8 @@ class Committer:
         lines, self._carry = [*self._carry, *job.lines], []
         history_bytes = self.history_bytes
         try:
-            for line in lines:
-                self.history_bytes = store.append_text(HISTORY, line)
+            if lines:  # merged jobs: one append, one fsync
+                self.history_bytes = store.append_text(HISTORY, "".join(lines))
             evicting = self._evicting(job)
             store.write_text(MANIFEST, self._manifest(job, state, pending, evicting).to_json())
         except BaseException as e:

@@ -302,6 +302,7 @@ class BestSaver:
             keep_evaluations=on_write_error == "warn",
         )
         self._worker: BackgroundWriter | None = None
+        self._worker_error: BaseException | None = None
         _LIVE.add(self)
 
     # -- public state ---------------------------------------------------------------------
@@ -799,7 +800,9 @@ class BestSaver:
         # its commit follows at once, after any background job, keeping the order.
         contents = [f.content for f in job.files if f.content is not None]
         staged = bool(contents) and all(isinstance(c, Captured) for c in contents)
-        background = self.async_write and (staged or (not contents and self._worker is not None))
+        # An evaluation that keeps nothing only appends history and rewrites the manifest: the
+        # worker does that too, so such steps cost the loop the decision alone.
+        background = self.async_write and (staged or not contents)
         if not background:
             self._flush(quiet=True)
             self._check_worker()
@@ -827,7 +830,9 @@ class BestSaver:
                 notify(self.trackers, "on_save", r, r.path)
 
     def _check_worker(self) -> None:
-        error = self._worker.take_error() if self._worker is not None else None
+        error, self._worker_error = self._worker_error, None
+        if error is None and self._worker is not None:
+            error = self._worker.take_error()
         if error is not None:
             self._failed(error)
 
@@ -912,12 +917,20 @@ class BestSaver:
         self._run_job(job, raise_now=True)
         return self._committer.filled(record)
 
-    def _flush(self, quiet: bool = False) -> None:
-        if self._worker is None:
+    def _flush(self, quiet: bool = False, stop: bool = False) -> None:
+        worker = self._worker
+        if worker is None:
             return
-        self._worker.flush()
-        if not quiet:
-            self._check_worker()
+        worker.flush()
+        if stop:  # a later step starts a new thread
+            worker.stop()
+            self._worker = None
+        error = worker.take_error()
+        if error is not None:
+            if quiet:
+                self._worker_error = error
+            else:
+                self._failed(error)
 
     def flush(self) -> None:
         """Wait for pending writes and raise what a background write raised (or warn, with
@@ -928,7 +941,7 @@ class BestSaver:
         """Flush, release the directory, and tell trackers the run's best. May be called more
         than once; the saver stays usable (the next step takes the directory again)."""
         try:
-            self._flush()
+            self._flush(stop=True)
         finally:
             self._release_lock()
         best = self.best

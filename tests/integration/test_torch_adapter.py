@@ -219,3 +219,27 @@ def test_smoothing_and_several_monitors_in_a_real_loop(tmp_path):
     assert ckpt.best_for("val_loss").epoch == 3  # smoothed loss: .9 .85 .65 .55 .65
     state = ckpt.load(best)
     assert torch.equal(state["model"]["weight"], weights[4])
+
+
+def test_background_and_synchronous_writes_hold_the_same_tensors(tmp_path):
+    states = {}
+    for background in (True, False):
+        model, optimizer, scheduler = tiny_setup()
+        ckpt = TorchCheckpointer(
+            tmp_path / str(background),
+            monitor="val_loss",
+            top_k=2,
+            save_last=True,
+            async_write=background,
+        )
+        for epoch, loss in enumerate([0.5, 0.4, 0.6, 0.3]):
+            train_epoch(model, optimizer, scheduler)
+            ckpt.step(epoch, {"val_loss": loss}, model=model, optimizer=optimizer)
+        ckpt.close()
+        states[background] = {r.name: ckpt.load(r) for r in [*ckpt.kept, ckpt.saver.last]}
+    assert states[True].keys() == states[False].keys()
+    for name, state in states[True].items():
+        other = states[False][name]
+        for key, value in state["model"].items():
+            assert torch.equal(value, other["model"][key]), (name, key)
+        assert state["epoch"] == other["epoch"]
