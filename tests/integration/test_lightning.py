@@ -500,6 +500,20 @@ def test_ddp_writes_on_one_process_and_keeps_what_one_process_keeps(tmp_path, ki
     assert load_manifest(ddp_dir).best.epoch == 3
 
 
+def test_ddp_a_failed_write_on_rank_0_stops_both_processes_without_a_hang(tmp_path):
+    out = tmp_path / "ddp"
+    args = [sys.executable, str(DATA / "ddp_run.py"), str(out), "staged", "fail"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(DATA), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "No space left on device" in done.stderr
+    assert not (out / "rank0.json").exists() and not (out / "rank1.json").exists()
+    best = load_manifest(out / "checkpoints").best  # the best before the failure is intact
+    assert best is not None and os.path.exists(best.path)
+
+
 # -- choosing better: smoothed scores and several monitors ---------------------------------------
 
 

@@ -1,11 +1,13 @@
 """Fit the scripted model with BestCheckpoint under DDP on CPU (2 gloo processes).
 
-    python ddp_run.py OUT {staged,mirror} [weights_only]
+    python ddp_run.py OUT {staged,mirror} [weights_only|fail]
 
 "staged" uses strategy="ddp": global rank 0 snapshots and writes alone. "mirror" uses a DDP
 strategy that overrides ``save_checkpoint``, so every rank saves through
 ``trainer.save_checkpoint`` as sharded strategies need. Each rank writes ``OUT/rank<N>.json``:
 the files it wrote or deleted in the checkpoint directory, and what its callback knows.
+"fail" makes global rank 0's third checkpoint write fail (no space left): every rank must stop
+with the error instead of waiting for the other.
 """
 
 from __future__ import annotations
@@ -73,8 +75,22 @@ def spy_on_writes(root: str, log: list[list[str]]) -> None:
     torch_io._atomic_save = spy("torch.save", real_atomic)
 
 
-def main(out: str, kind: str, weights_only: bool) -> None:
+def fail_third_save() -> None:
+    real_save, calls = torch.save, []
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(f)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", str(f))
+        real_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
+def main(out: str, kind: str, weights_only: bool, fail: bool = False) -> None:
     torch.set_num_threads(1)
+    if fail and int(os.environ.get("RANK", "0")) == 0:
+        fail_third_save()
     dirpath = os.path.join(out, "checkpoints")
     writes: list[list[str]] = []
     spy_on_writes(dirpath, writes)
@@ -108,4 +124,5 @@ def main(out: str, kind: str, weights_only: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], len(sys.argv) > 3 and sys.argv[3] == "weights_only")
+    extra = sys.argv[3] if len(sys.argv) > 3 else ""
+    main(sys.argv[1], sys.argv[2], extra == "weights_only", extra == "fail")
