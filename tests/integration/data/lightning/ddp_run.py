@@ -121,6 +121,10 @@ def main(out: str, kind: str, weights_only: bool, fail: bool = False) -> None:
     }
     with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump(report, f)
+    # Left to interpreter exit, gloo's threads can abort the process ("terminate called
+    # without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
