@@ -51,7 +51,7 @@ class TorchCheckpointer:
     """Keeps the best checkpoints of a plain PyTorch loop.
 
     Accepts every :class:`bestsave.BestSaver` option (several monitors, ``smooth``,
-    ``tie_break``, ``warmup`` included), plus:
+    ``tie_break``, ``warmup``, ``baseline`` included), plus:
 
     Args:
         save_weights_only: Kept files hold the model's ``state_dict`` alone; ``last`` still holds
@@ -89,6 +89,7 @@ class TorchCheckpointer:
         smooth: Smooth = None,
         tie_break: str | tuple[str, str] | None = None,
         warmup: int = 0,
+        baseline: float | None = None,
         save_weights_only: bool = False,
         format: Literal["torch", "safetensors"] = "torch",
         async_write: bool = True,
@@ -128,6 +129,7 @@ class TorchCheckpointer:
             smooth=smooth,
             tie_break=tie_break,
             warmup=warmup,
+            baseline=baseline,
             async_write=async_write,
             on_write_error=on_write_error,
             extension=self.extension,

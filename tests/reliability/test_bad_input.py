@@ -219,8 +219,6 @@ def test_absurd_options_are_value_errors_naming_the_fix_before_anything_is_writt
     make = saver if api == "BestSaver" else TorchCheckpointer
     if api == "TorchCheckpointer":
         options = {"monitor": "val_loss", **options}
-        if "baseline" in options:
-            pytest.skip("TorchCheckpointer has no baseline option")
     with pytest.raises(ValueError, match=fix):
         make(tmp_path / "run", **options)
     assert not (tmp_path / "run").exists()
