@@ -24,21 +24,6 @@ class Script(keras.callbacks.Callback):
         logs["val_score"] = VAL_SCORE[epoch]
 
 
-@pytest.fixture
-def wandb_dir(tmp_path, monkeypatch):
-    wandb.teardown()  # wandb reads the environment once per process
-    root = tmp_path / "wandb"
-    root.mkdir()
-    for var, value in {
-        "WANDB_MODE": "offline", "WANDB_DIR": root, "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off", "WANDB_DATA_DIR": root / "data", "WANDB_CACHE_DIR": root / "cache",
-        "WANDB_CONFIG_DIR": root / "config", "WANDB_ARTIFACT_DIR": root / "artifacts",
-    }.items():  # fmt: skip
-        monkeypatch.setenv(var, str(value))
-    yield root
-    wandb.teardown()
-
-
 def test_an_active_run_gets_the_best_epochs_model_and_metrics(tmp_path, wandb_dir):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(48, 4)).astype("float32")

@@ -31,31 +31,6 @@ VAL_LOSS = [0.9, 0.5, 0.3, 0.45, 0.6]  # best at epoch 2; the last epoch is wors
 BEST = 2
 
 
-@pytest.fixture
-def wandb_dir(tmp_path, monkeypatch):
-    """An offline W&B that writes only under tmp_path.
-
-    wandb reads the environment once per process, into a singleton: teardown() around each test
-    makes it read this test's directories.
-    """
-    wandb.teardown()
-    root = tmp_path / "wandb"
-    root.mkdir()
-    for var, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": root,
-        "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off",
-        "WANDB_DATA_DIR": root / "data",
-        "WANDB_CACHE_DIR": root / "cache",
-        "WANDB_CONFIG_DIR": root / "config",
-        "WANDB_ARTIFACT_DIR": root / "artifacts",
-    }.items():
-        monkeypatch.setenv(var, str(value))
-    yield root
-    wandb.teardown()  # finishes a run left active
-
-
 def train(ckpt, scores=VAL_LOSS, log=None):
     """A tiny regression; returns each epoch's weights. ``val_loss`` is scripted."""
     torch.manual_seed(0)
