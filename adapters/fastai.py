@@ -46,9 +46,10 @@ from fastai.torch_core import distrib_barrier, get_model, rank_distrib
 from fastcore.foundation import L
 
 from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged, fetch, load_manifest
-from bestsave.monitor import Monitor, infer_mode
-from bestsave.naming import DEFAULT_TEMPLATE, check_template
-from bestsave.policy import Policy, Smooth
+from bestsave.monitor import infer_mode
+from bestsave.naming import DEFAULT_TEMPLATE
+from bestsave.policy import Smooth
+from bestsave.saver import check_options
 from bestsave.staging import Snapshot, Stager
 from bestsave.tracker import BestSaveWarning
 
@@ -171,18 +172,16 @@ class SaveBestModelCallback(Callback):
             raise ValueError(
                 "every_epoch and keep_every_n_epochs say the same thing: pass only one of them"
             )
-        if save_last not in (False, True, "link"):
-            raise ValueError(f"save_last must be False, True or 'link', not {save_last!r}")
-        if on_write_error not in ("raise", "warn"):
-            raise ValueError(f"on_write_error must be 'raise' or 'warn', not {on_write_error!r}")
         mode = _mode(monitor, comp)
         if every and top_k is None:
             top_k = 0  # fastai's every_epoch saves on a schedule and tracks no best
         # The core's own checks, now rather than at the first fit.
-        Policy(
-            Monitor(monitor, mode, min_delta), top_k, delta, keep_every_n_epochs or every, patience
-        )
-        check_template(filename)
+        check_options(
+            min_delta=min_delta, top_k=top_k, delta=delta,
+            keep_every_n_epochs=keep_every_n_epochs or every, patience=patience,
+            save_last=save_last, filename=filename, smooth=smooth, tie_break=tie_break,
+            warmup=warmup, async_write=async_write, on_write_error=on_write_error,
+        )  # fmt: skip
 
         self.monitor, self.min_delta, self.fname = monitor, min_delta, fname
         self.monitors = monitors

@@ -38,9 +38,10 @@ import keras
 from keras.src.utils.io_utils import print_msg
 
 from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged, fetch
-from bestsave.monitor import Monitor, infer_mode
+from bestsave.monitor import infer_mode
 from bestsave.naming import DEFAULT_TEMPLATE, check_template
-from bestsave.policy import Policy, Smooth
+from bestsave.policy import Smooth
+from bestsave.saver import check_options
 from bestsave.tracker import BestSaveWarning
 
 __all__ = ["BestModelCheckpoint"]
@@ -237,8 +238,6 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             )
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"{mode=} is unknown: pass 'min', 'max' or 'auto'.")
-        if on_write_error not in ("raise", "warn"):
-            raise ValueError(f"on_write_error must be 'raise' or 'warn', not {on_write_error!r}")
         self.dirpath, self._template, self._extension = _split_filepath(
             self.filepath, save_weights_only
         )
@@ -274,14 +273,11 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             storage_options=storage_options,
         )
         # The direction is resolved once the model is known; these checks do not depend on it.
-        Policy(
-            Monitor(self.monitor, "max", min_delta),
-            top_k=top_k,
-            delta=delta,
-            keep_every_n_epochs=keep_every_n_epochs,
-            patience=patience,
-            baseline=initial_value_threshold,
-        )
+        check_options(
+            **{k: v for k, v in self._options.items()
+               if k not in ("resume", "overwrite", "trackers", "storage_options")},
+            filename=self._template,
+        )  # fmt: skip
         self.saver: BestSaver | None = None
         self._current_epoch = 0
         self._batches_seen_since_last_saving = 0

@@ -41,10 +41,10 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged
 from bestsave.metrics import as_number
-from bestsave.monitor import Monitor, resolve_mode
-from bestsave.naming import check_template, sanitize
-from bestsave.policy import Policy, Smooth
-from bestsave.saver import Writer
+from bestsave.monitor import resolve_mode
+from bestsave.naming import sanitize
+from bestsave.policy import Smooth
+from bestsave.saver import Writer, check_options
 from bestsave.staging import Snapshot, Stager
 
 __all__ = ["BestCheckpoint"]
@@ -192,22 +192,16 @@ class BestCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=save_on_train_epoch_end,
             enable_version_counter=enable_version_counter,
         )
-        # The core's own checks, now rather than at the first evaluation.
-        self._policy = Policy(
-            Monitor(self._monitor_name, resolved_mode, min_delta),
-            save_top_k,
-            delta,
-            keep_every_n_epochs,
-            patience,
-            baseline,
-            smooth,
-            None if tie_break is None else _tie_monitor(tie_break),
-            warmup,
-        )
+        self._top_k = save_top_k
         self._template = self._bestsave_template(filename or "{epoch}-{step}")
-        check_template(self._template)
-        if on_write_error not in ("raise", "warn"):
-            raise ValueError(f"on_write_error must be 'raise' or 'warn', not {on_write_error!r}")
+        # The core's own checks, now rather than at the first evaluation.
+        check_options(
+            min_delta=min_delta, top_k=save_top_k, delta=delta,
+            keep_every_n_epochs=keep_every_n_epochs, patience=patience,
+            save_last=save_last or False, filename=self._template, baseline=baseline,
+            smooth=smooth, tie_break=tie_break, warmup=warmup, async_write=async_write,
+            on_write_error=on_write_error,
+        )  # fmt: skip
         if not enable_version_counter:
             rank_zero_warn(
                 "BestCheckpoint(enable_version_counter=False): bestsave never overwrites a kept "
@@ -328,7 +322,7 @@ class BestCheckpoint(ModelCheckpoint):
                 self._monitors,
                 mode=self.mode if len(self._monitors) == 1 else _modes(self._monitors, self.mode),
                 min_delta=self.min_delta,
-                top_k=self._policy.top_k,
+                top_k=self._top_k,
                 delta=self.delta,
                 keep_every_n_epochs=self.keep_every_n_epochs,
                 save_last=self.save_last or False,
@@ -600,17 +594,22 @@ class BestCheckpoint(ModelCheckpoint):
 
     def _apply(self, view: _View, current: Any = None) -> None:
         """ModelCheckpoint's attributes, from the saver's state."""
-        ranked = [r for r in view.kept if r.kind in _RANKED and r.score is not None]
+        # With several monitors, ModelCheckpoint's attributes follow the first.
+        ranked = [
+            r for r in view.kept
+            if r.kind in _RANKED and r.score is not None and r.monitor == self._monitor_name
+        ]  # fmt: skip
+        assert self._saver is not None, "evaluations start after the saver opens"
         self.best_record = view.best
         self.best_model_path = view.best.path if view.best else ""
         self.best_model_score = _tensor(view.best.score) if view.best else None
         self.best_k_models = {r.path: _tensor(r.score) for r in ranked}
-        if ranked and len(ranked) >= self._policy.cap:
+        if ranked and len(ranked) >= self._saver.policy.cap:
             self.kth_best_model_path = ranked[-1].path
             self.kth_value = _tensor(ranked[-1].score)
         else:
             self.kth_best_model_path = ""
-            self.kth_value = _tensor(self._policy.monitor.worst_value)
+            self.kth_value = _tensor(self._saver.monitor.worst_value)
         self.last_model_path = view.last.path if view.last else ""
         number = as_number(current)
         if number is not None:
@@ -679,11 +678,6 @@ class BestCheckpoint(ModelCheckpoint):
     def kept(self) -> list[Record]:
         """Records of the checkpoints kept now, best first (empty before training)."""
         return self._saver.kept if self._saver is not None else []
-
-
-def _tie_monitor(tie_break: str | tuple[str, str]) -> Monitor:
-    name, mode = (tie_break, "auto") if isinstance(tie_break, str) else tie_break
-    return Monitor(name, resolve_mode(name, mode))
 
 
 def _modes(monitors: Sequence[str], mode: str) -> list[str]:

@@ -116,6 +116,47 @@ class Decision:
     """The monitors for which this evaluation is a new best."""
 
 
+def check_options(
+    *,
+    min_delta: float = 0.0,
+    top_k: int | None = None,
+    delta: float | None = None,
+    keep_every_n_epochs: int | None = None,
+    patience: int | None = None,
+    save_last: bool | str = False,
+    filename: str = DEFAULT_TEMPLATE,
+    baseline: float | None = None,
+    smooth: Smooth = None,
+    tie_break: str | tuple[str, str] | None = None,
+    warmup: int = 0,
+    async_write: bool = True,
+    on_write_error: str = "raise",
+) -> Monitor | None:
+    """Check the options of a :class:`BestSaver` that do not depend on the monitored metric,
+    raising ``ValueError`` naming the fix; returns the tie-break metric.
+
+    Adapters that create their saver when training starts call it in their constructor, so a
+    bad value fails at once, before any training.
+
+    >>> check_options(top_k=-3)
+    Traceback (most recent call last):
+    ...
+    ValueError: top_k must be None or an int >= -1, not -3; use -1 to keep every valid score, ...
+    """
+    if save_last not in (False, True, "link"):
+        raise ValueError(f"save_last must be False, True or 'link', not {save_last!r}")
+    if on_write_error not in ("raise", "warn"):
+        raise ValueError(f"on_write_error must be 'raise' or 'warn', not {on_write_error!r}")
+    if not isinstance(async_write, bool):
+        raise ValueError(f"async_write must be True or False, not {async_write!r}")
+    check_template(filename)
+    tie = _tie_break_monitor(tie_break)
+    # The rules' own checks; the direction does not matter for them.
+    Policy(Monitor("score", "max", min_delta), top_k, delta, keep_every_n_epochs, patience,
+           baseline, smooth, tie, warmup)  # fmt: skip
+    return tie
+
+
 def _tie_break_monitor(tie_break: str | tuple[str, str] | None) -> Monitor | None:
     if tie_break is None:
         return None
@@ -227,16 +268,14 @@ class BestSaver:
                 f"mode must be one mode for every monitor or one per monitor; got {len(modes)} "
                 f"modes for {len(names)} monitors"
             )
-        if save_last not in (False, True, "link"):
-            raise ValueError(f"save_last must be False, True or 'link', not {save_last!r}")
         if extension == ".json":
             raise ValueError("extension '.json' is reserved for the sidecar records")
-        if on_write_error not in ("raise", "warn"):
-            raise ValueError(f"on_write_error must be 'raise' or 'warn', not {on_write_error!r}")
-        if not isinstance(async_write, bool):
-            raise ValueError(f"async_write must be True or False, not {async_write!r}")
-        check_template(filename)
-        tie = _tie_break_monitor(tie_break)
+        tie = check_options(
+            min_delta=min_delta, top_k=top_k, delta=delta,
+            keep_every_n_epochs=keep_every_n_epochs, patience=patience, save_last=save_last,
+            filename=filename, baseline=baseline, smooth=smooth, tie_break=tie_break,
+            warmup=warmup, async_write=async_write, on_write_error=on_write_error,
+        )  # fmt: skip
         self.monitors = [
             Monitor(n, resolve_mode(n, m), min_delta) for n, m in zip(names, modes, strict=True)
         ]
