@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -303,7 +303,7 @@ class SaveBestModelCallback(Callback):
         decision = saver.step(
             self.epoch,
             metrics,
-            write=Staged(self._capture, self._serialize),
+            write=Staged(self._capture, self._serialize, stream=True),
             step=self.train_iter,
         )
         self._after_step(decision, metrics)
@@ -443,9 +443,9 @@ class SaveBestModelCallback(Callback):
         return self._stager.snapshot(state)
 
     @staticmethod
-    def _serialize(snapshot: Snapshot, path: str) -> None:
+    def _serialize(snapshot: Snapshot, f: BinaryIO) -> None:
         # The saver releases the snapshot's buffers once it is written (or dropped).
-        torch.save(snapshot.state, path, pickle_protocol=2)
+        torch.save(snapshot.state, f, pickle_protocol=2)
 
     def load_record(self, record: Record, with_opt: bool | None = None) -> Record:
         """Load a kept file's weights (and optimizer state with ``with_opt``) into the learner.

@@ -357,9 +357,21 @@ class BestCheckpoint(ModelCheckpoint):
     def _writer(self, trainer: pl.Trainer, weights_only: bool, announce: bool) -> Writer | Staged:
         """Writes the checkpoint Lightning would write with ``trainer.save_checkpoint``."""
         if self._staged:
+            checkpoint_io = trainer.strategy.checkpoint_io
+            if isinstance(checkpoint_io, AsyncCheckpointIO) and checkpoint_io.checkpoint_io:
+                # bestsave already writes in the background; the file must exist on return.
+                checkpoint_io = checkpoint_io.checkpoint_io
+            if type(checkpoint_io) is TorchCheckpointIO:
+                # Its save goes through an in-memory copy of the whole file first (a third copy
+                # of the state); the file is local and temporary, so torch.save writes it.
+                return Staged(
+                    lambda: self._capture(trainer, weights_only),
+                    lambda snapshot, f: torch.save(snapshot.state, f),
+                    stream=True,
+                )
             return Staged(
-                capture=lambda: self._capture(trainer, weights_only),
-                serialize=lambda snapshot, path: self._serialize(trainer, snapshot, path),
+                lambda: self._capture(trainer, weights_only),
+                lambda snapshot, path: checkpoint_io.save_checkpoint(snapshot.state, path),
             )
 
         def write(path: str) -> None:
@@ -374,18 +386,6 @@ class BestCheckpoint(ModelCheckpoint):
         with trainer.profiler.profile("save_checkpoint"):  # type: ignore[attr-defined]
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
             return self._stager.snapshot(checkpoint)
-
-    def _serialize(self, trainer: pl.Trainer, snapshot: Snapshot, path: str) -> None:
-        checkpoint_io = trainer.strategy.checkpoint_io
-        if isinstance(checkpoint_io, AsyncCheckpointIO) and checkpoint_io.checkpoint_io:
-            # bestsave already writes in the background; the file must exist on return.
-            checkpoint_io = checkpoint_io.checkpoint_io
-        if type(checkpoint_io) is TorchCheckpointIO:
-            # Its save goes through an in-memory copy of the whole file first (a third copy of
-            # the state); the path is local and temporary, so torch.save straight to it is safe.
-            torch.save(snapshot.state, path)
-        else:
-            checkpoint_io.save_checkpoint(snapshot.state, path)
 
     # -- when to evaluate --------------------------------------------------------------------
 

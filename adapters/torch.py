@@ -188,16 +188,18 @@ class TorchCheckpointer:
     def _writer(self, weights_only: bool) -> Staged:
         # The training thread pays for a copy into reused host buffers; serialising and writing
         # run in the saver's background thread.
-        def serialize(snapshot: Any, path: str) -> None:
-            if self.format == "safetensors":
-                from safetensors.torch import save_file
+        def capture() -> Any:
+            return self._stager.snapshot(self._state(weights_only))
 
+        if self.format == "safetensors":
+            from safetensors.torch import save_file
+
+            def serialize(snapshot: Any, path: str) -> None:
                 meta = {"epoch": str(snapshot.state["epoch"]), "step": str(snapshot.state["step"])}
                 save_file(snapshot.state["model"], path, metadata=meta)
-            else:
-                torch.save(snapshot.state, path)
 
-        return Staged(lambda: self._stager.snapshot(self._state(weights_only)), serialize)
+            return Staged(capture, serialize)
+        return Staged(capture, lambda snapshot, f: torch.save(snapshot.state, f), stream=True)
 
     def step(
         self,

@@ -46,6 +46,13 @@ class BackgroundWriter:
             self._pending = job if self._pending is None else self._pending.absorb(job)
             self._cond.notify_all()
 
+    def take_pending(self) -> Job | None:
+        """Take back the pending job, if any, before the worker starts it: the caller merges a
+        newer job into it and submits the result."""
+        with self._cond:
+            job, self._pending = self._pending, None
+            return job
+
     def pending_files(self) -> set[str]:
         """Names of the files the pending job would write."""
         with self._cond:

@@ -24,11 +24,14 @@ from typing import Any, Protocol
 from bestsave.manifest import Manifest
 from bestsave.naming import HISTORY, MANIFEST, sidecar_name
 from bestsave.record import Record
-from bestsave.store import Store, file_digest
+from bestsave.store import HashingFile, Store, file_digest
 
 
 class Content(Protocol):
     """The bytes of a new checkpoint, captured on the training thread."""
+
+    digest: tuple[int, str] | None
+    """Size and sha256 of the written file when they were taken while writing it."""
 
     def materialize(self, path: str) -> str:
         """Write the checkpoint (to ``path`` if it is not written yet); returns where it is."""
@@ -39,6 +42,8 @@ class Content(Protocol):
 
 class WrittenFile:
     """A checkpoint a plain ``write(path)`` already wrote to a local file."""
+
+    digest: tuple[int, str] | None = None
 
     def __init__(self, path: str) -> None:
         self.path: str | None = path
@@ -56,12 +61,21 @@ class WrittenFile:
 class Captured:
     """A snapshot taken by ``Staged.capture``, serialised when the job runs."""
 
-    def __init__(self, serialize: Callable[[Any, str], Any], snapshot: Any) -> None:
+    def __init__(
+        self, serialize: Callable[[Any, Any], Any], snapshot: Any, stream: bool = False
+    ) -> None:
         self.serialize = serialize
         self.snapshot = snapshot
+        self.stream = stream
+        self.digest: tuple[int, str] | None = None
 
     def materialize(self, path: str) -> str:
-        self.serialize(self.snapshot, path)
+        if not self.stream:
+            self.serialize(self.snapshot, path)
+            return path
+        with HashingFile(path) as f:
+            self.serialize(self.snapshot, f)
+        self.digest = f.digest()
         return path
 
     def release(self) -> None:
@@ -69,6 +83,23 @@ class Captured:
         if callable(release):
             release()
         self.snapshot = None
+
+
+class Lost:
+    """Bytes released for a newer snapshot whose capture then failed: never written."""
+
+    digest: tuple[int, str] | None = None
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def materialize(self, path: str) -> str:
+        raise RuntimeError(
+            "this checkpoint's snapshot was released for a newer one, whose capture failed"
+        ) from self.error
+
+    def release(self) -> None:
+        pass
 
 
 @dataclass
@@ -110,10 +141,22 @@ class Job:
             if f.content is not None:
                 f.content.release()
 
+    def superseded(self) -> set[str]:
+        """Names of the files this job evicts or replaces (a rolling ``last``)."""
+        return {r.name for r in self.evict} | {f.record.name for f in self.files}
+
+    def lost(self, names: set[str], error: BaseException) -> Job:
+        """This job with the files in ``names`` lost to ``error``: its write fails as a whole
+        (or loses its files, when the saver keeps evaluations)."""
+        for f in self.files:
+            if f.record.name in names:
+                f.content, f.same_as = Lost(error), None
+        return self
+
     def absorb(self, newer: Job) -> Job:
-        """This pending job merged with a ``newer`` one: files the newer one evicts or replaces
-        (a rolling ``last``) are never written; everything else is kept in order."""
-        dropped = {r.name for r in newer.evict} | {f.record.name for f in newer.files}
+        """This pending job merged with a ``newer`` one: files the newer one supersedes are
+        never written (their snapshots are freed now); everything else is kept in order."""
+        dropped = newer.superseded()
         files: list[NewFile] = []
         for f in self.files:
             if f.record.name not in dropped:
@@ -257,7 +300,7 @@ class Committer:
                     local = current.content.materialize(store.scratch(current.tmp))
                     if not os.path.exists(local):
                         raise FileNotFoundError(f"write() was given {local} but wrote no file")
-                    self.digests[name] = file_digest(local)
+                    self.digests[name] = current.content.digest or file_digest(local)
                     store.publish(local, current.tmp)
                 else:
                     store.link(pending[current.same_as or ""], current.tmp)

@@ -56,7 +56,9 @@ class Staged:
     ``capture()`` runs on the training thread when a save is decided and returns a snapshot
     that no later training step changes (tensors copied into host memory); ``serialize(snapshot,
     path)`` writes it, in a background thread when the saver writes asynchronously. Called as
-    ``staged(path)`` it does both at once.
+    ``staged(path)`` it does both at once. With ``stream=True``, ``serialize`` is given a binary
+    file object open for writing instead of a path (``torch.save`` takes either): the saver
+    checksums the bytes as they go by instead of reading the file back.
 
     >>> import json, tempfile, os
     >>> state = {"w": [1, 2]}
@@ -67,10 +69,15 @@ class Staged:
     """
 
     capture: Callable[[], Any]
-    serialize: Callable[[Any, str], Any]
+    serialize: Callable[[Any, Any], Any]
+    stream: bool = False
 
     def __call__(self, path: str) -> None:
-        self.serialize(self.capture(), path)
+        if not self.stream:
+            self.serialize(self.capture(), path)
+            return
+        with open(path, "wb") as f:
+            self.serialize(self.capture(), f)
 
 
 _RANKED = ("best", "top_k", "ensemble")
@@ -667,7 +674,8 @@ class BestSaver:
                 evict=list(evicted), lines=[json.dumps(line, default=str, allow_nan=False) + "\n"]
             )
             try:
-                job.files = self._capture(new, last, evicted, write, write_last)
+                records = new + ([last] if last is not None else [])
+                job = self._capture(job, records, last, write, write_last)
             except Exception as e:
                 self._failed(e, roll_back=False)  # raises, or warns and skips this save
                 return Decision(False, False, None, score=first.score)
@@ -785,47 +793,60 @@ class BestSaver:
 
     def _capture(
         self,
-        new: list[Record],
+        job: Job,
+        records: list[Record],
         last: Record | None,
-        evicted: tuple[Record, ...],
         write: Writer | Staged | None,
         write_last: Writer | Staged | None,
-    ) -> list[NewFile]:
-        """Take what must be written, on the training thread: each distinct content once.
+    ) -> Job:
+        """Take what ``job`` must write, on the training thread: each distinct content once.
+        Returns the job to submit, which may hold a pending job taken back from the worker.
 
         Files holding the same bytes (a best that is also periodic, ``last`` beside a kept file)
         become hard links to one written file.
         """
-        records = new + ([last] if last is not None else [])
         if not records:
-            return []
-        if self._worker is not None:
-            # Hold at most two snapshots: wait for room unless this step supersedes the
-            # pending job's files anyway.
-            superseded = {r.name for r in evicted} | {r.name for r in records}
-            if not self._worker.pending_files() <= superseded:
-                self._worker.wait_for_room()
-        files: list[NewFile] = []
+            return job
         shared: NewFile | None = None
+        for r in records:
+            own = r is last and write_last is not None
+            twin = shared.record.name if shared is not None and not own else None
+            job.files.append(NewFile(r, tmp_name(r.name), same_as=twin))
+            if shared is None and not own:
+                shared = job.files[-1]
+        held = self._hold_pending(job)
+        merged = held.absorb(job) if held is not None else job
         try:
-            for r in records:
-                own = r is last and write_last is not None
-                if shared is not None and not own:
-                    files.append(NewFile(r, tmp_name(r.name), same_as=shared.record.name))
-                    continue
-                f = NewFile(r, tmp_name(r.name))
-                f.content = self._content(write_last if own else write, f.tmp)  # type: ignore[arg-type]
-                files.append(f)
-                if not own:
-                    shared = f
-        except BaseException:
-            Job(files=files).release()
+            for f in job.files:
+                if f.same_as is None:
+                    own = f.record is last and write_last is not None
+                    f.content = self._content(write_last if own else write, f.tmp)  # type: ignore[arg-type]
+        except BaseException as e:
+            job.release()
+            if held is not None:  # its superseded snapshots are gone: those files are lost
+                assert self._worker is not None
+                self._worker.submit(held.lost(job.superseded(), e))
             raise
-        return files
+        return merged
+
+    def _hold_pending(self, job: Job) -> Job | None:
+        """Keep at most two snapshots (one being written, one pending) while ``job`` captures.
+
+        A pending job whose files ``job`` supersedes is taken back from the worker and merged
+        now, so its snapshot is freed before the new one is taken; any other pending job must
+        start first.
+        """
+        worker = self._worker
+        if worker is None:
+            return None
+        if worker.pending_files() <= job.superseded():
+            return worker.take_pending()
+        worker.wait_for_room()
+        return None
 
     def _content(self, write: Writer | Staged, tmp: str) -> Content:
         if isinstance(write, Staged):
-            return Captured(write.serialize, write.capture())
+            return Captured(write.serialize, write.capture(), write.stream)
         local = self._store.scratch(tmp)
         try:
             write(local)
@@ -947,7 +968,7 @@ class BestSaver:
             path=join(self.dirpath, name),
         )
         self._flush(quiet=True)
-        job = Job(files=self._capture([record], None, (), write, None))
+        job = self._capture(Job(), [record], None, write, None)
         self._kept.append(record)
         self._taken |= set(self._files_of(record))
         job.state = self._saver_state()

@@ -2,8 +2,9 @@
 
 A background write must not read tensors that training keeps changing, so the training thread
 copies them first. A fresh ``clone()`` pays for page faults on every save; a copy into memory
-allocated at the first save costs only memory bandwidth. Two buffer sets alternate so a
-snapshot never overwrites the one a write in flight is still reading.
+allocated beforehand costs only memory bandwidth. Two buffer sets alternate so a snapshot never
+overwrites the one a write in flight is still reading: the first snapshot allocates one set,
+and a helper thread allocates and touches the second while training goes on.
 
 torch is imported when a snapshot is taken, never at module import.
 """
@@ -32,6 +33,7 @@ class Stager:
         self._slots: list[dict[tuple[Any, ...], Any]] = [{} for _ in range(slots)]
         self._busy = [threading.Event() for _ in range(slots)]
         self._lock = threading.Lock()
+        self._warming: threading.Thread | None = None
 
     def snapshot(self, state: Any) -> Snapshot:
         """A copy of ``state`` whose tensors live in this stager's host buffers.
@@ -39,6 +41,9 @@ class Stager:
         The buffers stay reserved until :meth:`Snapshot.release` (the saver calls it once the
         snapshot is written or dropped).
         """
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
         slot = self._take_slot()
         self._busy[slot].set()
         sync = _Sync()
@@ -48,7 +53,21 @@ class Stager:
         except BaseException:
             self._busy[slot].clear()
             raise
+        if sync.allocated:
+            self._warm_spare(slot)
         return Snapshot(value, self._busy[slot].clear)
+
+    def _warm_spare(self, slot: int) -> None:
+        """Give another slot buffers like ``slot``'s, in a helper thread, pages touched, so the
+        next snapshot costs a copy only. The next :meth:`snapshot` waits for it."""
+        layout = dict(self._slots[slot])
+        spare = next((i for i in range(len(self._slots)) if i != slot), None)
+        if spare is None:
+            return
+        self._warming = threading.Thread(
+            target=_allocate, args=(self._slots[spare], layout), name="bestsave-stager", daemon=True
+        )
+        self._warming.start()
 
     def _take_slot(self) -> int:
         with self._lock:
@@ -90,9 +109,9 @@ class Stager:
             return t.detach().to("cpu", copy=True)
         buf = buffers.get(path)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            pin = t.device.type == "cuda"
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
             buffers[path] = buf
+            sync.allocated = True
         with torch.no_grad():
             buf.copy_(t.detach(), non_blocking=t.device.type == "cuda")
         if t.device.type == "cuda":
@@ -114,11 +133,24 @@ class Snapshot:
             release()
 
 
+def _allocate(buffers: dict[tuple[Any, ...], Any], like: dict[tuple[Any, ...], Any]) -> None:
+    """Buffers shaped as ``like``'s, in ``buffers``, with every page already faulted in."""
+    import torch
+
+    for path, ref in like.items():
+        buf = buffers.get(path)
+        if buf is None or buf.shape != ref.shape or buf.dtype != ref.dtype:
+            buf = torch.empty(ref.shape, dtype=ref.dtype, pin_memory=ref.is_pinned())
+            buffers[path] = buf.zero_()
+
+
 class _Sync:
-    """Waits once for all non-blocking device-to-host copies of one snapshot."""
+    """Waits once for all non-blocking device-to-host copies of one snapshot, and notes
+    whether it allocated buffers."""
 
     def __init__(self) -> None:
         self.cuda = False
+        self.allocated = False
 
     def wait(self) -> None:
         if self.cuda:

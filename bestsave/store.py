@@ -7,8 +7,10 @@ reserved prefix, made durable, and only then renamed into place.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
+import io
 import os
 import secrets
 import shutil
@@ -28,6 +30,61 @@ def file_digest(path: str | os.PathLike[str]) -> tuple[int, str]:
             h.update(chunk)
             size += len(chunk)
     return size, h.hexdigest()
+
+
+class HashingFile(io.RawIOBase):
+    """A binary file open for writing that keeps the size and sha256 of what goes through it,
+    so a file written once need not be read back to be checksummed. A large block is hashed in
+    a helper thread while it is written.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.bin")
+    >>> with HashingFile(path) as f:
+    ...     _ = f.write(b"abc")
+    >>> f.digest() == file_digest(path)
+    True
+    """
+
+    _PARALLEL = 1 << 20
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.name = os.fspath(path)
+        self._file = open(path, "wb")  # noqa: SIM115 - closed with this object
+        self._sha = hashlib.sha256()
+        self._size = 0
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, "bestsave-hash")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        if len(view) < self._PARALLEL:
+            self._sha.update(view)
+            self._file.write(view)
+        else:
+            # Both release the GIL; the block must be hashed before the caller may reuse it.
+            hashed = self._hasher.submit(self._sha.update, view)
+            try:
+                self._file.write(view)
+            finally:
+                hashed.result()
+        self._size += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        try:
+            super().close()  # flushes first
+        finally:
+            self._file.close()
+            self._hasher.shutdown()
+
+    def digest(self) -> tuple[int, str]:
+        """Size in bytes and sha256 of everything written, as :func:`file_digest` gives them."""
+        return self._size, self._sha.hexdigest()
 
 
 def tmp_name(name: str) -> str:

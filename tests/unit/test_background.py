@@ -93,6 +93,7 @@ def test_a_newer_best_replaces_a_pending_one_that_has_not_started(tmp_path):
 
         return Staged(w.capture, serialize)
 
+    Snapshot.live = Snapshot.peak = 0
     saver = BestSaver(tmp_path, monitor="val_acc")
     saver.step(0, {"val_acc": 0.5}, write=tracking("e0", gate=gate))
     started.wait(10)  # e0 is in flight, blocked
@@ -101,6 +102,8 @@ def test_a_newer_best_replaces_a_pending_one_that_has_not_started(tmp_path):
     gate.set()
     saver.close()
     assert written == ["e0", "e2"]
+    # e1's snapshot was freed before e2's was taken
+    assert Snapshot.peak == 2 and Snapshot.live == 0
     assert [r.epoch for r in load_manifest(tmp_path).kept] == [2]
     history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [0, 1, 2]
@@ -157,3 +160,37 @@ def test_sync_and_background_write_the_same_files(tmp_path):
     for name in a:
         if not name.endswith((".json", ".jsonl")):
             assert (tmp_path / "True" / name).read_text() == (tmp_path / "False" / name).read_text()
+
+
+def test_a_failed_capture_after_replacing_a_pending_write_loses_only_that_write(tmp_path):
+    gate, started = threading.Event(), threading.Event()
+
+    def capture_fails():
+        raise MemoryError("no room for the snapshot")
+
+    saver = BestSaver(tmp_path, monitor="val_acc", on_write_error="warn")
+    e0 = staged("e0", gate=gate)
+
+    def in_flight(snapshot, path):
+        started.set()
+        e0.serialize(snapshot, path)
+
+    saver.step(0, {"val_acc": 0.5}, write=Staged(e0.capture, in_flight))
+    started.wait(10)
+    saver.step(1, {"val_acc": 0.6}, write=staged("e1"))  # pending, then taken back
+    with pytest.warns(BestSaveWarning, match="no room for the snapshot"):
+        saver.step(2, {"val_acc": 0.7}, write=Staged(capture_fails, lambda s, p: None))
+    gate.set()
+    with pytest.warns(BestSaveWarning, match="released for a newer one"):
+        saver.close()
+    saver.step(3, {"val_acc": 0.65}, write=staged("e3"))
+    saver.close()
+    # e1 was never written; e0 stayed the best until e3 beat it
+    manifest = load_manifest(tmp_path)
+    assert [r.epoch for r in manifest.kept] == [3]
+    assert open(load_best(tmp_path).path).read() == "e3"
+    history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1, 3]
+    assert history[1]["decision"]["saved"] is False
+    assert Snapshot.live == 0
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".bestsave-tmp-")]

@@ -1,0 +1,40 @@
+"""Snapshots into reused host buffers: the training thread copies, it does not allocate."""
+
+import hashlib
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bestsave.staging import Stager
+from bestsave.store import HashingFile, file_digest
+
+
+def test_the_second_snapshot_reuses_buffers_allocated_beside_training():
+    stager = Stager()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2))
+    first = stager.snapshot({"model": model.state_dict(), "epoch": 0})
+    stager._warming.join()  # the spare set is allocated in a helper thread
+    spare = {id(t) for t in stager._slots[1].values()}
+    with torch.no_grad():
+        model[0].weight.add_(1)
+    second = stager.snapshot({"model": model.state_dict(), "epoch": 1})
+    assert {id(t) for t in second.state["model"].values()} == spare
+    assert stager._warming is None  # nothing was allocated, so nothing more to warm
+    assert torch.equal(second.state["model"]["0.weight"], model[0].weight)
+    assert torch.equal(first.state["model"]["0.weight"] + 1, model[0].weight)
+    first.release()
+    second.release()
+    third = stager.snapshot({"model": model.state_dict(), "epoch": 2})
+    assert len(stager._slots) == 2
+    third.release()
+
+
+def test_a_file_written_through_hashing_file_has_the_digest_read_back(tmp_path):
+    state = {"w": torch.randn(1000, 100), "epoch": 3}
+    path = tmp_path / "x.pth"
+    with HashingFile(path) as f:
+        torch.save(state, f)
+    assert f.digest() == file_digest(path)
+    assert f.digest()[1] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], state["w"])
