@@ -35,6 +35,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import keras
+import numpy as np
+from keras.src.saving import saving_lib
 from keras.src.utils.io_utils import print_msg
 
 from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged, fetch
@@ -42,6 +44,7 @@ from bestsave.monitor import infer_mode
 from bestsave.naming import DEFAULT_TEMPLATE, check_template
 from bestsave.policy import Smooth
 from bestsave.saver import check_options
+from bestsave.staging import Snapshot, Stager
 from bestsave.tracker import BestSaveWarning
 
 __all__ = ["BestModelCheckpoint"]
@@ -182,9 +185,12 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             kept files and patience count carry over (a new run when there is none). Use it
             with `keras.callbacks.BackupAndRestore` to resume the training state too.
         overwrite: Delete the files of the run in the directory, then start afresh.
-        async_write: Keras saves from the live model, so the file is written before the
-            callback returns; with `True` (the default) hashing, syncing, renaming and recording
-            it run in the background, and `fit` waits for them at its end.
+        async_write: With `True` (the default), a `.weights.h5` save copies the variables into
+            host memory reused from save to save and writes the file in a background thread,
+            through Keras's own HDF5 writer; a `.keras` file is written from the live model
+            before the callback returns. Either way hashing, syncing, renaming and recording
+            run in the background, and `fit` waits for them at its end. `False` does it all
+            before the callback returns.
         on_write_error: `"raise"` stops training with the write's error; `"warn"` trains on.
         storage_options: Passed to fsspec when `filepath` is a URL (`s3://bucket/run/`).
     """
@@ -242,6 +248,8 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             self.filepath, save_weights_only
         )
         self.save_weights_only: bool = self._extension == _WEIGHTS
+        self._stager = Stager()
+        self._layout: _WeightsLayout | None = None
         check_template(self._template)
         if "batch" in _fields(self._template) and save_freq == "epoch":
             raise ValueError(
@@ -366,7 +374,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         decision = saver.step(
             epoch,
             metrics,
-            write=Staged(self._capture, self._place),
+            write=self._writer(),
             step=self._global_step(),
             fields=self._keras_numbers(epoch, batch),
         )
@@ -419,6 +427,19 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             self.model.save_weights(path, overwrite=True)
         else:
             self.model.save(path, overwrite=True)
+
+    def _writer(self) -> Staged:
+        """A weights file is written from a snapshot of the variables; anything else is saved
+        from the live model at once (a `.keras` file holds more than the variables)."""
+        model, saver = self.model, self.saver
+        if self.save_weights_only and saver is not None and saver.async_write:
+            key = tuple(id(v) for v in model.weights)
+            if self._layout is None or self._layout.key != key:
+                self._layout = _WeightsLayout.record(model, key)
+            layout = self._layout
+            if layout.variables is not None:
+                return Staged(lambda: self._stager.snapshot(layout.values()), layout.write)
+        return Staged(self._capture, self._place)
 
     def _capture(self) -> _SavedFile:
         """Keras saves from the live model, here; the saver hashes, syncs, renames and records
@@ -504,6 +525,105 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         model.load_weights(fetch(best, **dict(self._options["storage_options"] or {})))
         for variable, value in zip(optimizer_variables, optimizer_state, strict=True):
             variable.assign(value)
+
+
+class _Recorder(saving_lib.H5IOStore):
+    """Takes down what Keras's weight saving would write to an HDF5 file, writing nothing."""
+
+    def __init__(self) -> None:  # no file: the parent's state is never used
+        self.mode = "w"
+        self.entries: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = []
+
+    def __bool__(self) -> bool:
+        return True
+
+    def make(self, path: str, metadata: dict[str, Any] | None = None) -> _Recorder:
+        self.entries.append((path, metadata, {}))
+        return self
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.entries[-1][2][key] = value
+
+
+class _Writer(saving_lib.H5IOStore):
+    """Keras's HDF5 weights store, writing a snapshot's buffers without copying them first."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if not isinstance(value, np.ndarray):
+            if str(value.dtype) == "torch.bfloat16":  # numpy has none: Keras converts it
+                super().__setitem__(key, value)
+                return
+            value = value.numpy()  # a view of the torch buffer
+        if value.dtype.name == "bfloat16":  # saved with a dtype attribute
+            super().__setitem__(key, value)
+            return
+        # What the parent does, less its np.array() copy of the value.
+        if not self._h5_entry_initialized:
+            self._create_h5_group(self._h5_entry_path)
+        self._h5_entry_group[key] = value
+
+
+class _WeightsLayout:
+    """Where each variable goes in a `.weights.h5` file, recorded once by Keras's own saving
+    walk, so later files are written from a snapshot, away from the live model.
+
+    Recording walks every layer (tens of milliseconds for a large model); it is done again
+    only when the model's variables change.
+    """
+
+    def __init__(
+        self,
+        key: tuple[int, ...],
+        entries: list[tuple[str, dict[str, Any] | None, list[str]]],
+        variables: list[Any] | None,
+    ) -> None:
+        self.key = key
+        self.entries = entries
+        self.variables = variables
+        """The variables in the order they are written; None when a layer saves something
+        else (a value computed at save time), which only the live model can give."""
+
+    @classmethod
+    def record(cls, model: Any, key: tuple[int, ...]) -> _WeightsLayout:
+        recorder = _Recorder()
+        saving_lib._save_state(
+            model,
+            weights_store=recorder,
+            assets_store=None,
+            inner_path="",
+            visited_saveables=set(),
+        )
+        optimizer = getattr(model, "optimizer", None)
+        values: list[Any] = []
+        for path, _, saved in recorder.entries:
+            if path == "optimizer" and optimizer is not None:
+                # The optimizer saves `variable.numpy()` of each of its variables, in order.
+                values += optimizer.variables if len(saved) == len(optimizer.variables) else [None]
+            else:
+                values += saved.values()
+        plain = all(isinstance(v, keras.Variable) for v in values)
+        entries = [(path, metadata, list(saved)) for path, metadata, saved in recorder.entries]
+        return cls(key, entries, values if plain else None)
+
+    def values(self) -> list[Any]:
+        """The variables' current values, as torch tensors on the torch backend (copied
+        from the device the way they are), else as numpy arrays."""
+        assert self.variables is not None
+        if keras.backend.backend() == "torch":
+            return [v.value for v in self.variables]
+        return [np.asarray(v.value) for v in self.variables]
+
+    def write(self, snapshot: Snapshot, path: str) -> None:
+        """The file ``model.save_weights(path)`` writes, from the snapshot's values."""
+        store = _Writer(path, mode="w")
+        try:
+            values = iter(snapshot.state)
+            for inner_path, metadata, keys in self.entries:
+                entry = store.make(inner_path, metadata)
+                for key in keys:
+                    entry[key] = next(values)
+        finally:
+            store.close()
 
 
 class _SavedFile:

@@ -6,11 +6,13 @@ allocated beforehand costs only memory bandwidth. Two buffer sets alternate so a
 overwrites the one a write in flight is still reading: the first snapshot allocates one set,
 and a helper thread allocates and touches the second while training goes on.
 
-torch is imported when a snapshot is taken, never at module import.
+Tensors may be torch tensors or numpy arrays (Keras hands over the latter on backends other than
+torch); neither library is imported here, only used when the state holds its arrays.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -84,10 +86,16 @@ class Stager:
     def _copy(
         self, obj: Any, path: tuple[Any, ...], buffers: dict[tuple[Any, ...], Any], sync: _Sync
     ) -> Any:
-        import torch
-
-        if isinstance(obj, torch.Tensor):
+        torch, np = sys.modules.get("torch"), sys.modules.get("numpy")
+        if torch is not None and isinstance(obj, torch.Tensor):
             return self._copy_tensor(obj, path, buffers, sync)
+        if np is not None and isinstance(obj, np.ndarray):
+            buf = buffers.get(path)
+            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                buf = buffers[path] = np.empty(obj.shape, obj.dtype)
+                sync.allocated = True
+            np.copyto(buf, obj)
+            return buf
         if isinstance(obj, dict):
             out = type(obj)() if type(obj) is not dict else {}
             for k, v in obj.items():
@@ -135,13 +143,17 @@ class Snapshot:
 
 def _allocate(buffers: dict[tuple[Any, ...], Any], like: dict[tuple[Any, ...], Any]) -> None:
     """Buffers shaped as ``like``'s, in ``buffers``, with every page already faulted in."""
-    import torch
-
+    torch = sys.modules.get("torch")
     for path, ref in like.items():
         buf = buffers.get(path)
-        if buf is None or buf.shape != ref.shape or buf.dtype != ref.dtype:
-            buf = torch.empty(ref.shape, dtype=ref.dtype, pin_memory=ref.is_pinned())
-            buffers[path] = buf.zero_()
+        if buf is not None and buf.shape == ref.shape and buf.dtype == ref.dtype:
+            continue
+        if torch is not None and isinstance(ref, torch.Tensor):
+            buf = torch.empty(ref.shape, dtype=ref.dtype, pin_memory=ref.is_pinned()).zero_()
+        else:
+            buf = sys.modules["numpy"].empty(ref.shape, ref.dtype)
+            buf.fill(0)
+        buffers[path] = buf
 
 
 class _Sync:

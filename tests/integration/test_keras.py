@@ -292,6 +292,52 @@ def test_parity_with_keras_model_checkpoint(tmp_path, threshold):
     assert ours.best == theirs.best == 0.95
 
 
+def h5_tree(path):
+    """Every group's attributes and every dataset's values in an HDF5 file, by path."""
+    import h5py
+
+    tree = {}
+
+    def visit(name, obj):
+        attrs = {k: str(v) for k, v in obj.attrs.items()}
+        tree[name] = (attrs, obj[()] if isinstance(obj, h5py.Dataset) else None)
+
+    with h5py.File(path, "r") as f:
+        tree["/"] = ({k: str(v) for k, v in f.attrs.items()}, None)
+        f.visititems(visit)
+    return tree
+
+
+def test_weights_files_written_from_a_snapshot_match_keras_own(tmp_path):
+    """A weights file is written in the background from copied variables; it holds what
+    model.save_weights writes, groups, attributes and values alike."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, "relu"),
+            keras.layers.BatchNormalization(),  # non-trainable variables too
+            keras.layers.Dropout(0.1),  # no variables: no group
+            keras.layers.Dense(1, "sigmoid"),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(0.05), "binary_crossentropy")
+    scores = [0.5, 0.7, 0.6, 0.8]
+    args = dict(monitor="val_score", mode="max", save_best_only=True, save_weights_only=True)
+    ours = BestModelCheckpoint(tmp_path / "ours" / "{epoch:02d}.weights.h5", **args)
+    theirs = keras.callbacks.ModelCheckpoint(tmp_path / "keras" / "{epoch:02d}.weights.h5", **args)
+    script = Script(scores)
+    fit(model, [script, ours, theirs], epochs=len(scores))
+
+    ours_tree = h5_tree(load_best(tmp_path / "ours").path)
+    keras_tree = h5_tree(tmp_path / "keras" / "04.weights.h5")
+    assert ours_tree.keys() == keras_tree.keys()
+    for name, (attrs, value) in keras_tree.items():
+        assert ours_tree[name][0] == attrs, name
+        if value is not None:
+            np.testing.assert_array_equal(ours_tree[name][1], value, err_msg=name)
+
+
 def test_initial_value_threshold_saves_nothing_until_beaten(tmp_path):
     model, script = make_model(), Script([0.5, 0.6, 0.55])
     checkpoint = BestModelCheckpoint(
