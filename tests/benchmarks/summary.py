@@ -8,8 +8,8 @@ A run's result is what ``workloads.run`` writes (``fit_s``, ``cpu_s``, ``epochs`
   save, the no-callback runs' pauses stand in), then the median over runs. The pause runs from
   the end of the epoch's last batch (or validation) to the start of the next epoch: the time
   the training loop spent in end-of-epoch callbacks, the checkpoint callback's included;
-- **first save** and **later saves**: the same for epoch 0 alone, and for the saves from the
-  third on (a snapshot's host buffers are allocated by the first two saves, then reused);
+- **first save** and **later saves**: the same for epoch 0 alone, and for the saves after it
+  (bestsave allocates its host buffers at the first save, then reuses them);
 - **total overhead per save**: (median fit time with the callback - median fit time without)
   / number of saves; the fit includes the final wait for pending writes;
 - **CPU per save**: the same for the CPU time of the process (every thread): the work a save
@@ -23,7 +23,7 @@ A run's result is what ``workloads.run`` writes (``fit_s``, ``cpu_s``, ``epochs`
 ...         "epochs": [[0, 1, 1.1], [1.1, 2.1, 2.2], [2.2, 3.2, 3.3], [3.3, 4.3, 4.4]]}
 >>> f = figures([run], [base])
 >>> [round(x, 3) for x in (f.blocking_s, f.first_save_s, f.later_s, f.total_s, f.cpu_s)]
-[0.35, 0.4, nan, 0.5, 0.5]
+[0.35, 0.4, 0.3, 0.5, 0.5]
 >>> f.extra_mb
 400.0
 """
@@ -79,7 +79,7 @@ def figures(runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]]) 
         extra = [pauses[e] - reference for e in saves if e < len(pauses)]
         blocking.append(_median(extra))
         first.append(extra[0] if extra else math.nan)
-        later.append(_median(extra[2:]))
+        later.append(_median(extra[1:]))
     saves_per_run = len(runs[0]["saves"]) if runs else 0
 
     def per_save(key: str) -> float:
@@ -199,7 +199,7 @@ DEFINITIONS = (
     "*Blocking per save*: how much longer the end of an epoch that saves takes than the end of "
     "one that does not (from the epoch's last batch to the next epoch's start; medians over "
     "saves, then over repeats); *first / later saves*: the same for the first save, and for "
-    "the saves from the third on (bestsave's host buffers are allocated by the first two). "
+    "the saves after it (bestsave allocates its host buffers at the first save). "
     "*Total overhead per save*: (fit time with the callback - fit time without any) / saves, "
     "medians over repeats; it counts the background writer slowing the other epochs and the "
     "wait for pending writes at the end of fit. *CPU per save*: the same for the process's CPU "
