@@ -3,9 +3,10 @@
 Trains a model of about 100M float32 parameters (six 4096x4096 layers, 403 MB of state) for 12
 epochs on a few samples, with a scripted metric that improves at epochs 0, 1, 2, 4, 7 and 11
 (six saves), once without a checkpoint callback, once with the framework's own and once with
-bestsave's, each configuration ``--repeats`` times in a fresh process, and prints for each
-framework the blocking and total overhead per save, their ratios to the framework's own and to
-the limit (a copy of the state into host memory allocated beforehand), and the peak extra memory.
+bestsave's, each configuration ``--repeats`` times in a fresh process (Lightning also with DDP,
+two processes on the CPU), and prints for each framework the blocking and total overhead per
+save, their ratios to the framework's own and to the limit (a copy of the state into host memory
+allocated beforehand), and the peak extra memory.
 
     python tests/benchmarks/run.py                                  # the full benchmark
     python tests/benchmarks/run.py --mb 40 --epochs 6 --repeats 1   # small, for CI

@@ -40,6 +40,7 @@ FRAMEWORKS = {
     # name: (label, their callback, ours, whether bestsave writes in the background there)
     "torch": ("plain PyTorch", "`torch.save` in the loop", "`TorchCheckpointer`", True),
     "lightning": ("Lightning", "`ModelCheckpoint`", "`BestCheckpoint`", True),
+    "lightning_ddp": ("Lightning DDP, 2 processes", "`ModelCheckpoint`", "`BestCheckpoint`", True),
     "keras": ("Keras 3 (torch backend)", "`ModelCheckpoint`", "`BestModelCheckpoint`", False),
     "fastai": ("fastai", "`SaveModelCallback`", "`SaveBestModelCallback`", True),
 }

@@ -46,8 +46,9 @@ def test_plain_torch_benchmark_prints_the_table(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_every_framework_benchmark_prints_its_rows(tmp_path: Path) -> None:
-    table, raw = bench(tmp_path, "torch,lightning,keras,fastai")
+    table, raw = bench(tmp_path, "torch,lightning,lightning_ddp,keras,fastai")
     assert raw["errors"] == {}
     for callback in ("`BestCheckpoint`", "`BestModelCheckpoint`", "`SaveBestModelCallback`"):
         assert callback in table
-    assert table.count("| no checkpoint callback |") == 4
+    assert table.count("| no checkpoint callback |") == 5
+    assert "| Lightning DDP, 2 processes | no checkpoint callback |" in table

@@ -189,7 +189,9 @@ def fit_torch(spec: dict[str, Any], clock: EpochClock) -> None:
 # -- Lightning ----------------------------------------------------------------------------------
 
 
-def fit_lightning(spec: dict[str, Any], clock: EpochClock) -> None:
+def fit_lightning(spec: dict[str, Any], clock: EpochClock, ddp: bool = False) -> None:
+    """With ``ddp``, two processes on the CPU (gloo); Lightning starts the second by running
+    this script again, and only the first reports."""
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -239,7 +241,8 @@ def fit_lightning(spec: dict[str, Any], clock: EpochClock) -> None:
     trainer = pl.Trainer(
         max_epochs=spec["epochs"],
         accelerator="cpu",
-        devices=1,
+        devices=2 if ddp else 1,
+        strategy="ddp" if ddp else "auto",
         logger=False,
         callbacks=callbacks,
         enable_checkpointing=spec["config"] != "none",
@@ -422,6 +425,7 @@ def measure_limit(spec: dict[str, Any]) -> dict[str, Any]:
 FITS: dict[str, Callable[[dict[str, Any], EpochClock], None]] = {
     "torch": fit_torch,
     "lightning": fit_lightning,
+    "lightning_ddp": lambda spec, clock: fit_lightning(spec, clock, ddp=True),
     "keras": fit_keras,
     "fastai": fit_fastai,
 }
@@ -441,6 +445,8 @@ def run(spec: dict[str, Any]) -> None:
             "saves": [e for e in range(spec["epochs"]) if improves(e)],
             "hwm_mb": clock.hwm_mb,
         }
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return  # a DDP worker: the first process reports
     with open(spec["result"], "w") as f:
         json.dump(result, f)
 
