@@ -597,8 +597,14 @@ class _WeightsLayout:
         values: list[Any] = []
         for path, _, saved in recorder.entries:
             if path == "optimizer" and optimizer is not None:
-                # The optimizer saves `variable.numpy()` of each of its variables, in order.
-                values += optimizer.variables if len(saved) == len(optimizer.variables) else [None]
+                # The optimizer saves `variable.numpy()` of each of its variables, in order;
+                # anything else is left to the live model.
+                variables = list(optimizer.variables)
+                same = len(saved) == len(variables) and all(
+                    np.shape(a) == tuple(v.shape) and np.asarray(a).dtype == v.dtype
+                    for a, v in zip(saved.values(), variables, strict=True)
+                )
+                values += variables if same else [None]
             else:
                 values += saved.values()
         plain = all(isinstance(v, keras.Variable) for v in values)
