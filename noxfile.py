@@ -16,7 +16,9 @@ TEST_TOOLS = [
     "torchmetrics>=1.3",
     "jax[cpu]>=0.4.30",
     "moto[server]>=5",
-    "boto3",
+    # boto3 through aiobotocore (s3fs's client), which pins the botocore it works with: a bare
+    # boto3 newer than that pin sends pip backtracking through every aiobotocore and torch.
+    "aiobotocore[boto3]",
     "h5py",
 ]
 
