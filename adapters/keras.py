@@ -433,7 +433,9 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         from the live model at once (a `.keras` file holds more than the variables)."""
         model, saver = self.model, self.saver
         if self.save_weights_only and saver is not None and saver.async_write:
-            key = tuple(id(v) for v in model.weights)
+            optimizer = getattr(model, "optimizer", None)
+            variables = [*model.weights, *getattr(optimizer, "variables", ())]
+            key = tuple(id(v) for v in variables)
             if self._layout is None or self._layout.key != key:
                 self._layout = _WeightsLayout.record(model, key)
             layout = self._layout
@@ -568,7 +570,7 @@ class _WeightsLayout:
     walk, so later files are written from a snapshot, away from the live model.
 
     Recording walks every layer (tens of milliseconds for a large model); it is done again
-    only when the model's variables change.
+    only when the model's or the optimizer's variables change.
     """
 
     def __init__(
