@@ -38,3 +38,20 @@ def test_a_file_written_through_hashing_file_has_the_digest_read_back(tmp_path):
     assert f.digest() == file_digest(path)
     assert f.digest()[1] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert torch.equal(torch.load(path, weights_only=True)["w"], state["w"])
+
+
+def test_numpy_arrays_are_copied_into_reused_buffers_too():
+    import numpy as np
+
+    stager = Stager()
+    weights = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, dtype=np.int64)]
+    first = stager.snapshot(weights)
+    weights[0] += 10  # training goes on: the snapshot does not change
+    assert first.state[0].tolist() == [[0, 1, 2], [3, 4, 5]]
+    stager._warming.join()
+    spare = [id(a) for a in stager._slots[1].values()]
+    second = stager.snapshot(weights)
+    assert [id(a) for a in second.state] == spare  # allocated beside training, reused now
+    np.testing.assert_array_equal(second.state[0], weights[0])
+    first.release()
+    second.release()
