@@ -22,9 +22,10 @@ pytest.importorskip("fastai")
 from fastai.callback.core import Callback
 from fastai.callback.tracker import SaveModelCallback
 from fastai.data.core import DataLoaders, Datasets
-from fastai.learner import Learner, Metric, load_learner
+from fastai.learner import Learner, load_learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import MatthewsCorrCoef, RocAucBinary, accuracy
+from fastai_scripted import Scripted  # tests/ is on pytest's pythonpath
 from torch import nn
 
 from bestsave import ChecksumError, MissingMetricError, RunExistsError, fetch, load_manifest
@@ -37,24 +38,6 @@ pytestmark = [
 ]
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-class Scripted(Metric):
-    """A validation metric whose value at epoch e is ``values[e]``."""
-
-    def __init__(self, values: list[float], name: str = "score") -> None:
-        self.values, self._name, self.epoch = list(values), name, 0
-
-    def accumulate(self, learn: Learner) -> None:
-        self.epoch = learn.epoch
-
-    @property
-    def value(self) -> float:
-        return self.values[self.epoch]
-
-    @property
-    def name(self) -> str:
-        return self._name
 
 
 class WeightLog(Callback):

@@ -24,7 +24,8 @@ fastai_wandb = pytest.importorskip("fastai.callback.wandb")
 
 from fastai.callback.tracker import SaveModelCallback
 from fastai.data.core import DataLoaders
-from fastai.learner import Learner, Metric
+from fastai.learner import Learner
+from fastai_scripted import Scripted  # tests/ is on pytest's pythonpath
 from torch import nn
 from wandb.proto import wandb_internal_pb2
 
@@ -98,22 +99,6 @@ def wandb_callback(monkeypatch):
     except (TypeError, NameError):
         monkeypatch.setattr(fastai_wandb, "init_args", _init_args)
     return fastai_wandb.WandbCallback
-
-
-class Scripted(Metric):
-    def __init__(self, values: list[float]) -> None:
-        self.values, self.epoch = values, 0
-
-    def accumulate(self, learn: Learner) -> None:
-        self.epoch = learn.epoch
-
-    @property
-    def value(self) -> float:
-        return self.values[self.epoch]
-
-    @property
-    def name(self) -> str:
-        return "score"
 
 
 def learner(path: Path, cbs: list) -> Learner:
