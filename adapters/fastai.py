@@ -453,27 +453,30 @@ class SaveBestModelCallback(Callback):
         The file is checked against its record's sha256 first and read with
         ``torch.load(weights_only=True)``, so loading never runs pickled code.
         """
-        with_opt = self.with_opt if with_opt is None else with_opt
         path = fetch(record, **self.storage_options)
         device = getattr(self.learn.dls, "device", None) or "cpu"
-        state = torch.load(path, map_location=device, weights_only=True)
+        self._load_state(torch.load(path, map_location=device, weights_only=True), record, with_opt)
+        return record
+
+    def _load_state(self, state: Any, record: Record, with_opt: bool | None) -> None:
+        with_opt = self.with_opt if with_opt is None else with_opt
         has_opt = isinstance(state, dict) and set(state) == {"model", "opt"}
         get_model(self.learn.model).load_state_dict(state["model"] if has_opt else state)
-        if with_opt:
-            if self.learn.opt is None:
-                self.learn.create_opt()
-            if not has_opt:
-                warnings.warn(
-                    f"{record.name} holds no optimizer state (saved with with_opt=False)",
-                    BestSaveWarning,
-                    stacklevel=2,
-                )
-            else:
-                opt = self.learn.opt
-                opt.load_state_dict(state["opt"])
-                if isinstance(opt, Optimizer) and not isinstance(opt.hypers, L):
-                    opt.hypers = L(opt.hypers)  # saved as a list; fastai's Optimizer keeps an L
-        return record
+        if not with_opt:
+            return
+        if self.learn.opt is None:
+            self.learn.create_opt()
+        if not has_opt:
+            warnings.warn(
+                f"{record.name} holds no optimizer state (saved with with_opt=False)",
+                BestSaveWarning,
+                stacklevel=3,
+            )
+            return
+        opt = self.learn.opt
+        opt.load_state_dict(state["opt"])
+        if isinstance(opt, Optimizer) and not isinstance(opt.hypers, L):
+            opt.hypers = L(opt.hypers)  # saved as a list; fastai's Optimizer keeps an L
 
     def _load_best(self, saver: BestSaver) -> None:
         distrib_barrier()  # rank 0 has written and flushed (saver.close above)
@@ -491,7 +494,16 @@ class SaveBestModelCallback(Callback):
                     stacklevel=2,
                 )
             return
-        self.load_record(best)
+        held = saver.held_state(best)
+        if held is None:
+            self.load_record(best)
+            return
+        # The best is the latest save, still in the saver's buffers: no need to read the file
+        # back. fastai's optimizer keeps the tensors it is given, so those are copied.
+        if isinstance(held, dict) and set(held) == {"model", "opt"} and self.with_opt:
+            device = getattr(self.learn.dls, "device", None) or "cpu"
+            held = {"model": held["model"], "opt": _copied(held["opt"], device)}
+        self._load_state(held, best, None)
 
     # -- fastai's WandbCallback -------------------------------------------------------------
 
@@ -591,6 +603,17 @@ def _present_names(recorder: Any) -> list[str]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _copied(obj: Any, device: Any) -> Any:
+    """``obj`` with every tensor copied to ``device``, as ``torch.load`` would give it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, copy=True)
+    if isinstance(obj, dict):
+        return {k: _copied(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copied(v, device) for v in obj)
+    return obj
 
 
 def _plain(obj: Any) -> Any:

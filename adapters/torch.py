@@ -278,14 +278,22 @@ class TorchCheckpointer:
         return state
 
     def load_best(self, model: torch.nn.Module, *, map_location: Any = "cpu") -> Record:
-        """Load the best epoch's weights into ``model``; returns its record."""
+        """Load the best epoch's weights into ``model``; returns its record.
+
+        Waits for pending writes first. When the best was the latest save, its weights come
+        from the copy still in memory instead of the file.
+        """
         self.saver.close()
         best = self.saver.best
         if best is None and self.rank != 0:
             best = load_manifest(self.dirpath, **self._storage_options).best
         if best is None:
             raise FileNotFoundError(f"no best checkpoint has been kept in {self.dirpath} yet")
-        self.load(best, model, map_location=map_location)
+        held = self.saver.held_state(best)
+        if held is not None:  # the latest save, still in memory: no need to read the file back
+            model.load_state_dict(held["model"])
+        else:
+            self.load(best, model, map_location=map_location)
         return best
 
     def close(self) -> None:

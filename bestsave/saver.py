@@ -41,6 +41,7 @@ from bestsave.naming import (
 )
 from bestsave.policy import Candidate, Policy, PolicyState, Smooth
 from bestsave.record import Record, join
+from bestsave.staging import Snapshot
 from bestsave.store import TMP_PREFIX, Store, open_store, tmp_name
 from bestsave.tracker import BestSaveWarning, notify
 from bestsave.trackers import resolve_trackers
@@ -81,6 +82,17 @@ class Staged:
 
 
 _RANKED = ("best", "top_k", "ensemble")
+
+
+def _snapshots(job: Job) -> dict[str, Snapshot]:
+    """The stager snapshot each of ``job``'s files is written from (a twin's for a link)."""
+    files = {f.record.name: f for f in job.files}
+    out = {}
+    for f in job.files:
+        content = files[f.same_as].content if f.same_as else f.content
+        if isinstance(content, Captured) and isinstance(content.snapshot, Snapshot):
+            out[f.record.name] = content.snapshot
+    return out
 
 
 class RunExistsError(FileExistsError):
@@ -349,6 +361,7 @@ class BestSaver:
         )
         self._worker: BackgroundWriter | None = None
         self._worker_error: BaseException | None = None
+        self._held: dict[str, Snapshot] = {}  # file name -> the latest save's snapshot
         _LIVE.add(self)
 
     # -- public state ---------------------------------------------------------------------
@@ -372,6 +385,31 @@ class BestSaver:
             else None
         )
         return self._committer.filled(best) if best else None
+
+    def held_state(self, record: Record) -> Any | None:
+        """The state ``record``'s file was written from, while host memory still holds it;
+        else None.
+
+        A :class:`Staged` save copies the state into buffers that a later save reuses, so the
+        latest save's state stays in memory after its file is written: loading it from there
+        (at the end of training, say) skips reading the file back and checking its sha256.
+        The buffers belong to the saver: copy from them (``load_state_dict`` does), do not keep
+        them.
+
+        >>> import tempfile, torch
+        >>> from bestsave import BestSaver, Staged
+        >>> from bestsave.staging import Stager
+        >>> stager, model = Stager(), torch.nn.Linear(2, 1)
+        >>> write = Staged(lambda: stager.snapshot(model.state_dict()),
+        ...                lambda snap, path: torch.save(snap.state, path))
+        >>> saver = BestSaver(tempfile.mkdtemp(), monitor="val_loss")
+        >>> _ = saver.step(0, {"val_loss": 0.5}, write=write)
+        >>> saver.close()
+        >>> torch.equal(saver.held_state(saver.best)["weight"], model.weight)
+        True
+        """
+        snapshot = self._held.get(record.name)
+        return snapshot.state if snapshot is not None and snapshot.intact else None
 
     @property
     def _state(self) -> PolicyState:
@@ -827,6 +865,7 @@ class BestSaver:
                 assert self._worker is not None
                 self._worker.submit(held.lost(job.superseded(), e))
             raise
+        self._held = _snapshots(job)
         return merged
 
     def _hold_pending(self, job: Job) -> Job | None:

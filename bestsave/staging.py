@@ -34,6 +34,7 @@ class Stager:
     def __init__(self, slots: int = 2) -> None:
         self._slots: list[dict[tuple[Any, ...], Any]] = [{} for _ in range(slots)]
         self._busy = [threading.Event() for _ in range(slots)]
+        self._taken = [0] * slots  # snapshots taken into each slot so far
         self._lock = threading.Lock()
         self._warming: threading.Thread | None = None
 
@@ -48,6 +49,8 @@ class Stager:
             self._warming = None
         slot = self._take_slot()
         self._busy[slot].set()
+        self._taken[slot] += 1
+        taken = self._taken[slot]
         sync = _Sync()
         try:
             value = self._copy(state, (), self._slots[slot], sync)
@@ -57,7 +60,7 @@ class Stager:
             raise
         if sync.allocated:
             self._warm_spare(slot)
-        return Snapshot(value, self._busy[slot].clear)
+        return Snapshot(value, self._busy[slot].clear, lambda: self._taken[slot] == taken)
 
     def _warm_spare(self, slot: int) -> None:
         """Give another slot buffers like ``slot``'s, in a helper thread, pages touched, so the
@@ -81,6 +84,7 @@ class Stager:
             # Every slot is being written: a fresh one (freed with the snapshot) keeps going.
             self._slots.append({})
             self._busy.append(threading.Event())
+            self._taken.append(0)
             return len(self._slots) - 1
 
     def _copy(
@@ -130,15 +134,22 @@ class Stager:
 class Snapshot:
     """Captured state, and the release of the buffers that hold it."""
 
-    def __init__(self, state: Any, release: Callable[[], None]) -> None:
+    def __init__(self, state: Any, release: Callable[[], None], intact: Callable[[], bool]) -> None:
         self.state = state
         self._release: Callable[[], None] | None = release
+        self._intact = intact
 
     def release(self) -> None:
         """Free the buffers for the next snapshot; later calls do nothing."""
         release, self._release = self._release, None
         if release is not None:
             release()
+
+    @property
+    def intact(self) -> bool:
+        """Whether the buffers still hold this snapshot: released buffers keep it until the
+        next snapshot reuses them."""
+        return self._intact()
 
 
 def _allocate(buffers: dict[tuple[Any, ...], Any], like: dict[tuple[Any, ...], Any]) -> None:

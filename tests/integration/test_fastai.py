@@ -328,6 +328,44 @@ def test_with_opt_round_trip(tmp_path):
     assert type(fresh.opt.hypers).__name__ == "L"
 
 
+def tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in tensors(v)]
+    return []
+
+
+def test_the_best_is_loaded_from_memory_when_it_was_the_latest_save(tmp_path):
+    save, log = SaveBestModelCallback(monitor="score", with_opt=True), WeightLog()
+    learn = regression_learner(tmp_path, metrics=[Scripted([0.2, 0.9, 0.5])])
+    fit(learn, 3, cbs=[save, log])
+
+    best = save.best_record
+    held = save._saver.held_state(best)
+    assert held is not None  # epoch 1 was the latest save: its state never left memory
+    assert same(weights(learn), log.weights[1])
+    state = torch.load(fetch(best), weights_only=True)
+    saved, loaded = state["opt"]["state"], learn.opt.state_dict()["state"]
+    assert len(saved) == len(loaded) > 0
+    for a, b in zip(saved, loaded):
+        assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    # The learner holds copies: the next save reuses the saver's buffers.
+    buffers = {t.data_ptr() for t in tensors(held)}
+    ours = tensors(learn.model.state_dict()) + tensors(learn.opt.state_dict())
+    assert not buffers & {t.data_ptr() for t in ours}
+
+
+def test_the_best_is_read_from_its_file_when_a_later_save_reused_the_memory(tmp_path):
+    save, log = SaveBestModelCallback(monitor="score", save_last=True), WeightLog()
+    learn = regression_learner(tmp_path, metrics=[Scripted([0.2, 0.9, 0.5])])
+    fit(learn, 3, cbs=[save, log])
+    assert save._saver.held_state(save.best_record) is None  # `last` of epoch 2 came after
+    assert same(weights(learn), log.weights[1])
+
+
 def test_reset_on_fit_starts_every_fit_afresh(tmp_path, capsys):
     script = Scripted([0.5, 0.9])
     save, log = SaveBestModelCallback(monitor="score"), WeightLog()

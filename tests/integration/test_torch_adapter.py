@@ -55,6 +55,25 @@ def train_epoch(model, optimizer, scheduler):
     scheduler.step()
 
 
+@pytest.mark.parametrize("save_last", [False, True], ids=["from-memory", "from-file"])
+def test_load_best_brings_back_the_best_epochs_weights(tmp_path, save_last):
+    model, optimizer, scheduler = tiny_setup()
+    ckpt = TorchCheckpointer(tmp_path, monitor="val_loss", save_last=save_last)
+    weights = {}
+    for epoch, loss in enumerate([0.5, 0.2, 0.4]):
+        train_epoch(model, optimizer, scheduler)
+        weights[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        ckpt.step(epoch, {"val_loss": loss}, model=model)
+    best = ckpt.load_best(model)
+    # Without `last`, the best (epoch 1) was the latest save and is still in memory; with it,
+    # epoch 2's `last` reused those buffers and the file is read.
+    assert (ckpt.saver.held_state(best) is None) == save_last
+    assert best.epoch == 1
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[1][key]), key
+        assert not torch.equal(value, weights[2][key]), key
+
+
 def test_restore_brings_back_model_optimizer_scheduler_and_epoch(tmp_path):
     model, optimizer, scheduler = tiny_setup()
     ckpt = TorchCheckpointer(tmp_path, monitor="val_loss", save_last=True)
@@ -192,7 +211,7 @@ def test_load_detects_a_tampered_file(tmp_path):
         f.seek(-1, os.SEEK_END)
         f.write(bytes([last[0] ^ 0xFF]))
     with pytest.raises(ChecksumError, match="modified or truncated"):
-        ckpt.load_best(model)
+        ckpt.load(ckpt.best, model)
 
 
 def test_sigterm_handler_is_restored_after_the_context(tmp_path):

@@ -194,3 +194,39 @@ def test_a_failed_capture_after_replacing_a_pending_write_loses_only_that_write(
     assert history[1]["decision"]["saved"] is False
     assert Snapshot.live == 0
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".bestsave-tmp-")]
+
+
+@pytest.mark.parametrize("async_write", [True, False], ids=["background", "sync"])
+def test_the_latest_save_stays_in_memory_until_the_next_snapshot(tmp_path, async_write):
+    np = pytest.importorskip("numpy")
+    from bestsave.staging import Stager
+
+    stager, weights = Stager(), [np.zeros(3)]
+
+    def serialize(snapshot, path):
+        with open(path, "wb") as f:
+            np.save(f, snapshot.state[0])
+
+    def write():
+        return Staged(lambda: stager.snapshot(weights), serialize)
+
+    saver = BestSaver(tmp_path, monitor="val_acc", save_last=True, async_write=async_write)
+    weights[0] += 1
+    saver.step(0, {"val_acc": 0.5}, write=write())
+    saver.close()
+    best = saver.best
+    assert saver.held_state(best)[0].tolist() == [1, 1, 1]
+    weights[0] += 1  # training goes on: the held state is the saved one
+    assert saver.held_state(best)[0].tolist() == [1, 1, 1]
+
+    saver.step(1, {"val_acc": 0.4}, write=write())  # not better: only `last` is saved
+    saver.close()
+    assert saver.held_state(best) is None  # its buffers now hold epoch 1
+    assert saver.held_state(saver.last)[0].tolist() == [2, 2, 2]
+
+
+def test_a_capture_that_is_not_a_stager_snapshot_is_not_held(tmp_path):
+    saver = BestSaver(tmp_path, monitor="val_acc")
+    saver.step(0, {"val_acc": 0.5}, write=staged("e0"))
+    saver.close()
+    assert saver.held_state(saver.best) is None
