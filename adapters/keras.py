@@ -440,7 +440,9 @@ class BestModelCheckpoint(keras.callbacks.Callback):
                 self._layout = _WeightsLayout.record(model, key)
             layout = self._layout
             if layout.variables is not None:
-                return Staged(lambda: self._stager.snapshot(layout.values()), layout.write)
+                return Staged(
+                    lambda: self._stager.snapshot((layout.key, layout.values())), layout.write
+                )
         return Staged(self._capture, self._place)
 
     def _capture(self) -> _SavedFile:
@@ -523,6 +525,19 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         # load_weights also loads the optimizer saved beside the weights; keep the current one,
         # as EarlyStopping(restore_best_weights=True) does.
         optimizer_variables = list(getattr(model.optimizer, "variables", []))
+        held = self.saver.held_state(best) if self.saver is not None else None
+        layout = self._layout
+        if held is not None and layout is not None and held[0] == layout.key:
+            # The best was the latest save, its variables still in memory: no file to read.
+            assert layout.variables is not None
+            skip = {id(v) for v in optimizer_variables}
+            # torch variables copy what they are given; other backends may keep the array
+            # itself, which the next save would overwrite.
+            own = keras.backend.backend() != "torch"
+            for variable, value in zip(layout.variables, held[1], strict=True):
+                if id(variable) not in skip:
+                    variable.assign(np.array(value) if own else value)
+            return
         optimizer_state = [keras.ops.convert_to_numpy(v) for v in optimizer_variables]
         model.load_weights(fetch(best, **dict(self._options["storage_options"] or {})))
         for variable, value in zip(optimizer_variables, optimizer_state, strict=True):
@@ -625,7 +640,9 @@ class _WeightsLayout:
         """The file ``model.save_weights(path)`` writes, from the snapshot's values."""
         store = _Writer(path, mode="w")
         try:
-            values = iter(snapshot.state)
+            key, values = snapshot.state
+            assert key == self.key
+            values = iter(values)
             for inner_path, metadata, keys in self.entries:
                 entry = store.make(inner_path, metadata)
                 for key in keys:

@@ -240,13 +240,25 @@ def test_save_best_only_false_keeps_every_epoch_as_keras_does(tmp_path):
     assert ours.best_record.epoch == 2
 
 
-def test_restore_best_weights_loads_the_best_epoch_into_the_model(tmp_path):
+@pytest.mark.parametrize(
+    ("options", "held"),
+    [
+        (dict(save_weights_only=True), True),
+        (dict(save_weights_only=True, keep_every_n_epochs=1), False),
+        ({}, False),
+    ],
+    ids=["weights-from-memory", "weights-after-a-later-save", "keras-file"],
+)
+def test_restore_best_weights_loads_the_best_epoch_into_the_model(tmp_path, options, held):
     model, script = make_model(), Script([0.5, 0.9, 0.6, 0.7])
     checkpoint = BestModelCheckpoint(
-        tmp_path, monitor="val_score", save_best_only=True, restore_best_weights=True
+        tmp_path, monitor="val_score", save_best_only=True, restore_best_weights=True, **options
     )
     fit(model, [script, checkpoint], epochs=4)
 
+    # The best (epoch 1) is still in memory when it was the latest save of a weights file;
+    # after a later save (epoch 3's periodic file), or from a `.keras` file, the file is read.
+    assert (checkpoint.saver.held_state(checkpoint.best_record) is not None) == held
     assert_same_weights(model.get_weights(), script.weights[1])
     # The optimizer keeps its state, as with EarlyStopping(restore_best_weights=True).
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 4 * 4
