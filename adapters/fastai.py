@@ -349,6 +349,10 @@ class SaveBestModelCallback(Callback):
         dirpath = str(self.dirpath or Path(self.learn.path) / self.learn.model_dir / self.fname)
         if self._saver is None or self.reset_on_fit or dirpath != self._run_dir:
             self._saver = self._new_saver(dirpath)
+        if self._saver.writer:
+            # The first save then copies into buffers allocated while the first epoch trains.
+            weights = get_model(self.learn.model).state_dict()
+            self._stager.reserve({"model": weights} if self.with_opt else weights)
         self._ended = False
         self._take_upload()
         others = [cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback)]

@@ -290,6 +290,9 @@ class BestCheckpoint(ModelCheckpoint):
             hasattr(getattr(o, "_optimizer", o), "consolidate_state_dict")
             for o in trainer.optimizers
         )
+        if self._staged and trainer.is_global_zero:
+            # The first save then copies into buffers allocated while the first epoch trains.
+            self._stager.reserve({"state_dict": pl_module.state_dict()})
         if self._saver is not None and self._saver.dirpath == self._store_url():
             return  # a second fit() with this callback continues its run
         self._saver = self._open_saver(trainer, pl_module)

@@ -58,9 +58,24 @@ class Stager:
         except BaseException:
             self._busy[slot].clear()
             raise
-        if sync.allocated:
+        if sync.allocated or not all(self._slots):
             self._warm_spare(slot)
         return Snapshot(value, self._busy[slot].clear, lambda: self._taken[slot] == taken)
+
+    def reserve(self, state: Any) -> None:
+        """Allocate buffers for ``state``'s tensors, laid out as :meth:`snapshot` would copy
+        them, in a helper thread with pages touched, so that even the first snapshot is a copy
+        only. Nothing is copied; call it when training starts, with the tensors (or a part of
+        them) the snapshots will hold. Does nothing once buffers exist.
+        """
+        if self._warming is not None or any(self._slots):
+            return
+        like: dict[tuple[Any, ...], Any] = {}
+        _tensors(state, (), like)
+        self._warming = threading.Thread(
+            target=_allocate, args=(self._slots[0], like), name="bestsave-stager", daemon=True
+        )
+        self._warming.start()
 
     def _warm_spare(self, slot: int) -> None:
         """Give another slot buffers like ``slot``'s, in a helper thread, pages touched, so the
@@ -152,15 +167,34 @@ class Snapshot:
         return self._intact()
 
 
+def _tensors(obj: Any, path: tuple[Any, ...], out: dict[tuple[Any, ...], Any]) -> None:
+    """The tensors and arrays in ``obj`` that :meth:`Stager.snapshot` copies into buffers, by
+    the path it files them under."""
+    torch, np = sys.modules.get("torch"), sys.modules.get("numpy")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if obj.layout == torch.strided:
+            out[path] = obj
+    elif np is not None and isinstance(obj, np.ndarray):
+        out[path] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _tensors(v, (*path, k), out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _tensors(v, (*path, i), out)
+
+
 def _allocate(buffers: dict[tuple[Any, ...], Any], like: dict[tuple[Any, ...], Any]) -> None:
-    """Buffers shaped as ``like``'s, in ``buffers``, with every page already faulted in."""
+    """Host buffers shaped as ``like``'s, in ``buffers``, with every page already faulted in;
+    pinned for tensors on (or staged from) a GPU."""
     torch = sys.modules.get("torch")
     for path, ref in like.items():
         buf = buffers.get(path)
         if buf is not None and buf.shape == ref.shape and buf.dtype == ref.dtype:
             continue
         if torch is not None and isinstance(ref, torch.Tensor):
-            buf = torch.empty(ref.shape, dtype=ref.dtype, pin_memory=ref.is_pinned()).zero_()
+            pinned = ref.is_cuda or ref.is_pinned()
+            buf = torch.empty(ref.shape, dtype=ref.dtype, pin_memory=pinned).zero_()
         else:
             buf = sys.modules["numpy"].empty(ref.shape, ref.dtype)
             buf.fill(0)

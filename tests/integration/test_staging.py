@@ -30,6 +30,28 @@ def test_the_second_snapshot_reuses_buffers_allocated_beside_training():
     third.release()
 
 
+def test_reserved_buffers_make_the_first_snapshot_a_copy(tmp_path):
+    stager = Stager()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2))
+    stager.reserve({"model": model.state_dict()})  # when training starts
+    warming = stager._warming
+    warming.join()
+    reserved = {id(t) for t in stager._slots[0].values()}
+    assert len(reserved) == 4
+    stager.reserve({"model": model.state_dict()})  # already reserved: nothing more
+    assert stager._warming is warming
+
+    with torch.no_grad():
+        model[0].weight.add_(1)
+    first = stager.snapshot({"model": model.state_dict(), "opt": {"m": torch.ones(3)}})
+    assert {id(t) for t in first.state["model"].values()} == reserved
+    assert torch.equal(first.state["model"]["0.weight"], model[0].weight)
+    assert first.state["opt"]["m"].tolist() == [1, 1, 1]  # not reserved: allocated now
+    stager._warming.join()  # the spare set, for the next snapshot, as without reserve
+    assert set(stager._slots[1]) == set(stager._slots[0])
+    first.release()
+
+
 def test_a_file_written_through_hashing_file_has_the_digest_read_back(tmp_path):
     state = {"w": torch.randn(1000, 100), "epoch": 3}
     path = tmp_path / "x.pth"
