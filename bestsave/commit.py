@@ -237,10 +237,11 @@ class Committer:
         state = job.state
         assert state is not None
         error: Exception | None = None
+        digests = dict(self.digests)
         try:
             pending = self._write_files(job)
         except Exception as e:
-            self._lose(job)
+            self._lose(job, digests)
             if not self.keep_evaluations:
                 raise
             error, pending = e, {}
@@ -260,7 +261,7 @@ class Committer:
             self.history_bytes = history_bytes
             lost = {f.record.name for f in job.files}
             self._carry = _amend(lines, lost, str(e)) if self.keep_evaluations else []
-            self._lose(job)
+            self._lose(job, digests)
             raise
         self.lost -= set(pending)
         for r in job.evict:
@@ -319,15 +320,15 @@ class Committer:
             job.release()
         return pending
 
-    def _lose(self, job: Job) -> None:
+    def _lose(self, job: Job, digests: dict[str, tuple[int, str]]) -> None:
         """The job's files were never written: later manifests leave them out, and keep the
-        files they would have evicted."""
-        for f in job.files:
-            self.digests.pop(f.record.name, None)
-        self.lost |= {f.record.name for f in job.files}
+        files they would have evicted. ``digests`` are those from before the job: a file of
+        the same name (a fixed file name) is still the one they describe."""
+        self.digests = digests
         for r in job.evict:
             if r.name not in self.lost:
-                self.restored[r.name] = r
+                self.restored[r.name] = self.filled(r)
+        self.lost |= {f.record.name for f in job.files}
 
     def _evicting(self, job: Job) -> list[str]:
         # A new file may reuse an evicted one's name (a fixed file name): the rename replaces

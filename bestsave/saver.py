@@ -84,14 +84,15 @@ class Staged:
 _RANKED = ("best", "top_k", "ensemble")
 
 
-def _snapshots(job: Job) -> dict[str, Snapshot]:
-    """The stager snapshot each of ``job``'s files is written from (a twin's for a link)."""
+def _snapshots(job: Job) -> dict[tuple[int, str], Snapshot]:
+    """The stager snapshot each of ``job``'s files is written from (a twin's for a link), by
+    evaluation and name: a fixed file name is written again by later evaluations."""
     files = {f.record.name: f for f in job.files}
     out = {}
     for f in job.files:
         content = files[f.same_as].content if f.same_as else f.content
         if isinstance(content, Captured) and isinstance(content.snapshot, Snapshot):
-            out[f.record.name] = content.snapshot
+            out[(f.record.id, f.record.name)] = content.snapshot
     return out
 
 
@@ -361,7 +362,7 @@ class BestSaver:
         )
         self._worker: BackgroundWriter | None = None
         self._worker_error: BaseException | None = None
-        self._held: dict[str, Snapshot] = {}  # file name -> the latest save's snapshot
+        self._held: dict[tuple[int, str], Snapshot] = {}  # the latest save's, by record
         _LIVE.add(self)
 
     # -- public state ---------------------------------------------------------------------
@@ -408,7 +409,7 @@ class BestSaver:
         >>> torch.equal(saver.held_state(saver.best)["weight"], model.weight)
         True
         """
-        snapshot = self._held.get(record.name)
+        snapshot = self._held.get((record.id, record.name))
         return snapshot.state if snapshot is not None and snapshot.intact else None
 
     @property

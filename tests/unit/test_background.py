@@ -3,6 +3,7 @@
 import json
 import os
 import threading
+import warnings
 
 import pytest
 
@@ -223,6 +224,36 @@ def test_the_latest_save_stays_in_memory_until_the_next_snapshot(tmp_path, async
     saver.close()
     assert saver.held_state(best) is None  # its buffers now hold epoch 1
     assert saver.held_state(saver.last)[0].tolist() == [2, 2, 2]
+
+
+def test_a_failed_write_of_a_fixed_name_keeps_the_file_it_would_have_replaced(tmp_path):
+    np = pytest.importorskip("numpy")
+    from bestsave.staging import Stager
+    from bestsave.verify import verify
+
+    stager, weights = Stager(), [np.zeros(3)]
+
+    def serialize(snapshot, path):
+        if snapshot.state[0][0] == 2:
+            raise OSError(28, "No space left on device")
+        with open(path, "wb") as f:
+            np.save(f, snapshot.state[0])
+
+    saver = BestSaver(tmp_path, monitor="val_acc", filename="best", on_write_error="warn")
+    for epoch, score in enumerate([0.5, 0.6]):
+        weights[0] += 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BestSaveWarning)
+            write = Staged(lambda: stager.snapshot(weights), serialize)
+            saver.step(epoch, {"val_acc": score}, write=write)
+            saver.close()
+    # Epoch 1's write failed: `best` still holds epoch 0, and the run still lists it.
+    for best in (saver.best, load_manifest(tmp_path).best):
+        assert (best.epoch, best.score) == (0, 0.5)
+    assert list(verify(tmp_path)) == []
+    assert np.load(load_best(tmp_path).path).tolist() == [1, 1, 1]
+    # The snapshot in memory is epoch 1's, never written: it does not pass for the best.
+    assert saver.held_state(saver.best) is None
 
 
 def test_a_capture_that_is_not_a_stager_snapshot_is_not_held(tmp_path):
