@@ -154,6 +154,8 @@ def markdown(
         "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, (label, theirs_label, ours_label, background) in FRAMEWORKS.items():
+        # A DDP process copies with its share of the cores (Lightning sets its threads).
+        limit_s = limit.get("copy_ddp_s", copy_s) if name == "lightning_ddp" else copy_s
         if name in errors:
             table.append(f"| {label} | {errors[name]} | | | | | | |")
             ratios.append(f"| {label} | | | | | {errors[name]} |")
@@ -180,16 +182,24 @@ def markdown(
             t, o = fig["theirs"], fig["ours"]
             ratios.append(
                 f"| {label} | {_ratio(o.blocking_s, t.blocking_s)} | "
-                f"{_ratio(o.blocking_s, copy_s)} | {_ratio(o.total_s, t.total_s)} | "
-                f"{_ratio(o.total_s, copy_s)} | {_targets(t, o, background, copy_s, state_mb)} |"
+                f"{_ratio(o.blocking_s, limit_s)} | {_ratio(o.total_s, t.total_s)} | "
+                f"{_ratio(o.total_s, limit_s)} | {_targets(t, o, background, limit_s, state_mb)} |"
             )
     table.append(
         f"| limit | copy into preallocated host memory | | {_s(copy_s)} | | {_s(copy_s)} | | |"
     )
+    ddp_s = limit.get("copy_ddp_s", math.nan)
+    if "lightning_ddp" in results:
+        table.append(
+            f"| limit, DDP | the same with one DDP process's threads | | {_s(ddp_s)} | | "
+            f"{_s(ddp_s)} | | |"
+        )
     notes = [
-        f"Limit: copying the state into host memory allocated beforehand takes {_s(copy_s)}; "
-        f"a fresh `clone()` {_s(limit.get('clone_s', math.nan))}; `torch.save` of the state "
-        f"dict to the same disk {_s(limit.get('torch_save_s', math.nan))}.",
+        f"Limit: copying the state into host memory allocated beforehand takes {_s(copy_s)} "
+        f"({_s(ddp_s)} with the threads Lightning gives each of two DDP processes, the limit "
+        f"for the DDP rows); a fresh `clone()` {_s(limit.get('clone_s', math.nan))}; "
+        f"`torch.save` of the state dict to the same disk "
+        f"{_s(limit.get('torch_save_s', math.nan))}.",
         "",
         DEFINITIONS,
     ]
@@ -200,7 +210,7 @@ DEFINITIONS = (
     "*Blocking per save*: how much longer the end of an epoch that saves takes than the end of "
     "one that does not (from the epoch's last batch to the next epoch's start; medians over "
     "saves, then over repeats); *first / later saves*: the same for the first save, and for "
-    "the saves after it (bestsave allocates its host buffers at the first save). "
+    "the saves after it (the first may allocate host buffers). "
     "*Total overhead per save*: (fit time with the callback - fit time without any) / saves, "
     "medians over repeats; it counts the background writer slowing the other epochs and the "
     "wait for pending writes at the end of fit. *CPU per save*: the same for the process's CPU "

@@ -385,8 +385,9 @@ def fit_fastai(spec: dict[str, Any], clock: EpochClock) -> None:
 
 
 def measure_limit(spec: dict[str, Any]) -> dict[str, Any]:
-    """Seconds to copy the state dict into preallocated host tensors, for a fresh ``clone()``
-    and for ``torch.save`` to the checkpoint directory (medians of ``spec["times"]`` tries)."""
+    """Seconds to copy the state dict into preallocated host tensors (also with the threads
+    one of two DDP processes has), for a fresh ``clone()`` and for ``torch.save`` to the
+    checkpoint directory (medians of ``spec["times"]`` tries)."""
     import statistics
 
     import torch
@@ -414,8 +415,19 @@ def measure_limit(spec: dict[str, Any]) -> dict[str, Any]:
     def clone() -> None:
         {k: v.clone() for k, v in state.items()}
 
+    def ddp_copy() -> float:
+        # Lightning gives each of the two DDP processes its share of the cores.
+        threads = torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, (cores or 1) // 2))
+        try:
+            return timed(copy)
+        finally:
+            torch.set_num_threads(threads)
+
     return {
         "copy_s": timed(copy),
+        "copy_ddp_s": ddp_copy(),
         "clone_s": timed(clone),
         "torch_save_s": timed(lambda: torch.save(state, path)),
         "state_mb": sum(v.numel() * v.element_size() for v in state.values()) / 1e6,
