@@ -249,8 +249,8 @@ def render(raw: dict[str, Any]) -> str:
     """The Markdown report of ``raw`` (what :func:`measure` returns)."""
     limit = {
         key: statistics.median(r[key] for r in raw["limit"])
-        for key in ("copy_s", "clone_s", "torch_save_s", "state_mb")
-        if raw["limit"]
+        for key in ("copy_s", "copy_ddp_s", "clone_s", "torch_save_s", "state_mb")
+        if raw["limit"] and all(key in r for r in raw["limit"])  # earlier runs had fewer
     }
     return markdown(raw["results"], raw["errors"], limit, raw["header"])
 
