@@ -9,6 +9,8 @@ import pytest
 from bestsave import store
 from bestsave.store import HashingFile, file_digest
 
+pytestmark = pytest.mark.core
+
 # Sizes around the edges of the aligned buffer: a tail shorter than a disk block, exactly one
 # buffer, and several buffers plus a tail, written in small and large pieces.
 BUFFER = store._AlignedBuffers.SIZE
