@@ -53,7 +53,7 @@ class _AlignedBuffers:
 
     def give(self, buffer: mmap.mmap) -> None:
         with self._lock:
-            if len(self._free) < 2:  # one writer and one helper at most use them at once
+            if len(self._free) < 2:  # a file takes one; two savers seldom write at once
                 self._free.append(buffer)
                 return
         buffer.close()
