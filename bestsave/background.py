@@ -84,10 +84,7 @@ class BackgroundWriter:
             return error
 
     def _loop(self) -> None:
-        # Training comes first: on a busy machine the writer's serialising and hashing must
-        # not slow the training steps it runs beside (back-pressure bounds how far it lags).
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        _yield_to_training()
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending is not None or self._closed)
@@ -108,3 +105,19 @@ class BackgroundWriter:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+
+def _yield_to_training() -> None:
+    """Run the calling thread (and the helpers it starts) only on cores training leaves idle.
+
+    Training comes first: the writer's serialising and hashing must not slow the steps it runs
+    beside, and back-pressure bounds how far it lags. Linux's idle scheduling class does that: a
+    core that runs only such threads counts as free when a training thread wakes. Elsewhere the
+    lowest priority is the nearest.
+    """
+    me = threading.get_native_id()
+    try:
+        os.sched_setscheduler(me, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, me, 19)

@@ -143,6 +143,20 @@ def test_at_most_two_snapshots_are_held(tmp_path):
     assert sorted(r.epoch for r in saver.kept) == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
+def test_the_writer_runs_only_on_cores_training_leaves_idle(tmp_path):
+    policies = []
+    saver = BestSaver(tmp_path, monitor="val_acc")
+    saver.step(
+        0,
+        {"val_acc": 0.5},
+        write=staged("e0", check=lambda: policies.append(os.sched_getscheduler(0))),
+    )
+    saver.close()
+    assert policies == [os.SCHED_IDLE]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the training thread is left as it was
+
+
 def test_sync_and_background_write_the_same_files(tmp_path):
     for mode in (True, False):
         saver = BestSaver(
