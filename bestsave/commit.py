@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from bestsave.manifest import Manifest
 from bestsave.naming import HISTORY, MANIFEST, sidecar_name
 from bestsave.record import Record
+from bestsave.staging import Snapshot
 from bestsave.store import HashingFile, Store, file_digest
 
 
@@ -73,7 +74,10 @@ class Captured:
         if not self.stream:
             self.serialize(self.snapshot, path)
             return path
-        with HashingFile(path) as f:
+        # The snapshot's buffers stay unchanged while it is written: the file may read them
+        # after its write() returns.
+        stable = self.snapshot.spans() if isinstance(self.snapshot, Snapshot) else ()
+        with HashingFile(path, stable=stable) as f:
             self.serialize(self.snapshot, f)
         self.digest = f.digest()
         return path

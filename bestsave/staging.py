@@ -60,7 +60,12 @@ class Stager:
             raise
         if sync.allocated or not all(self._slots):
             self._warm_spare(slot)
-        return Snapshot(value, self._busy[slot].clear, lambda: self._taken[slot] == taken)
+        return Snapshot(
+            value,
+            self._busy[slot].clear,
+            lambda: self._taken[slot] == taken,
+            lambda: [_span(b) for b in self._slots[slot].values()],
+        )
 
     def reserve(self, state: Any) -> None:
         """Allocate buffers for ``state``'s tensors, laid out as :meth:`snapshot` would copy
@@ -149,10 +154,17 @@ class Stager:
 class Snapshot:
     """Captured state, and the release of the buffers that hold it."""
 
-    def __init__(self, state: Any, release: Callable[[], None], intact: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        state: Any,
+        release: Callable[[], None],
+        intact: Callable[[], bool],
+        spans: Callable[[], list[tuple[int, int]]] = list,
+    ) -> None:
         self.state = state
         self._release: Callable[[], None] | None = release
         self._intact = intact
+        self._spans = spans
 
     def release(self) -> None:
         """Free the buffers for the next snapshot; later calls do nothing."""
@@ -165,6 +177,19 @@ class Snapshot:
         """Whether the buffers still hold this snapshot: released buffers keep it until the
         next snapshot reuses them."""
         return self._intact()
+
+    def spans(self) -> list[tuple[int, int]]:
+        """``(address, size)`` of the host buffers that hold this snapshot's tensors; they stay
+        unchanged until :meth:`release`."""
+        return self._spans()
+
+
+def _span(buffer: Any) -> tuple[int, int]:
+    """Where a host buffer (a torch tensor or a numpy array) lies in memory."""
+    storage = getattr(buffer, "untyped_storage", None)
+    if storage is not None:
+        return storage().data_ptr(), storage().nbytes()
+    return buffer.ctypes.data, buffer.nbytes
 
 
 def _tensors(obj: Any, path: tuple[Any, ...], out: dict[tuple[Any, ...], Any]) -> None:

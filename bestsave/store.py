@@ -7,17 +7,21 @@ reserved prefix, made durable, and only then renamed into place.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import contextlib
+import ctypes
 import errno
 import hashlib
 import io
+import math
 import mmap
 import os
 import secrets
 import shutil
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,6 +77,11 @@ class HashingFile(io.RawIOBase):
     read soon, and filling hundreds of megabytes of fresh page cache costs more than the write
     itself (and leaves the final fsync all the work). Elsewhere it is an ordinary buffered file.
 
+    ``stable`` lists memory, as ``(address, size)`` spans, that nothing changes or frees until
+    the file is closed (a snapshot's buffers). A large block inside it is queued for helper
+    threads to hash and write, and ``write`` returns at once: ``torch.save`` computes the next
+    tensor's CRC-32 meanwhile instead of waiting.
+
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "x.bin")
     >>> with HashingFile(path) as f:
@@ -83,7 +92,12 @@ class HashingFile(io.RawIOBase):
 
     _PARALLEL = 1 << 20
 
-    def __init__(self, path: str | os.PathLike[str], direct: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        direct: bool = True,
+        stable: Sequence[tuple[int, int]] = (),
+    ) -> None:
         self.name = os.fspath(path)
         self._fd = _open_direct(self.name) if direct else None
         self._file = None if self._fd is not None else open(self.name, "wb")  # noqa: SIM115
@@ -91,7 +105,12 @@ class HashingFile(io.RawIOBase):
         self._filled = 0
         self._sha = hashlib.sha256()
         self._size = 0
+        self._stable = sorted(stable)
         self._hasher = concurrent.futures.ThreadPoolExecutor(1, "bestsave-hash")
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, "bestsave-put")
+        self._queued: list[concurrent.futures.Future[None]] = []
+        self._small = bytearray()  # small blocks behind queued ones, queued with the next
+        self._error: BaseException | None = None
 
     @property
     def direct(self) -> bool:
@@ -103,18 +122,64 @@ class HashingFile(io.RawIOBase):
 
     def write(self, b: Any) -> int:
         view = memoryview(b).cast("B")
-        if len(view) < self._PARALLEL:
-            self._sha.update(view)
-            self._put(view)
+        n = len(view)
+        if self._error is not None:
+            self._wait()  # raises it: the caller stops writing a file that cannot be finished
+        if n >= self._PARALLEL and self._holds(view):
+            self._queue(view)
+        elif self._queued and n < self._PARALLEL:
+            self._small += view  # copied: the caller may reuse it once this returns
         else:
-            # Both release the GIL; the block must be hashed before the caller may reuse it.
-            hashed = self._hasher.submit(self._sha.update, view)
-            try:
+            self._wait()
+            if n < self._PARALLEL:
+                self._sha.update(view)
                 self._put(view)
-            finally:
-                hashed.result()
-        self._size += len(view)
-        return len(view)
+            else:
+                # Both release the GIL; the block must be hashed before the caller may reuse it.
+                hashed = self._hasher.submit(self._sha.update, view)
+                try:
+                    self._put(view)
+                finally:
+                    hashed.result()
+        self._size += n
+        return n
+
+    def _holds(self, view: memoryview) -> bool:
+        """Whether ``view`` lies inside one of the stable spans."""
+        if not self._stable:
+            return False
+        start = _address(view)
+        i = bisect.bisect_right(self._stable, (start, math.inf)) - 1
+        return i >= 0 and start + len(view) <= sum(self._stable[i])
+
+    def _queue(self, view: memoryview) -> None:
+        if self._small:
+            small, self._small = memoryview(bytes(self._small)), bytearray()
+            self._queue(small)
+        for future in (
+            self._hasher.submit(self._sha.update, view),
+            self._writer.submit(self._put_queued, view),
+        ):
+            future.add_done_callback(self._note)
+            self._queued.append(future)
+
+    def _put_queued(self, view: memoryview) -> None:
+        if self._error is None:  # after a failed write the file is lost anyway
+            self._put(view)
+
+    def _note(self, future: concurrent.futures.Future[None]) -> None:
+        if self._error is None:
+            self._error = future.exception()
+
+    def _wait(self) -> None:
+        """Hash and write everything queued, in order; raises what a helper raised."""
+        if self._small:
+            small, self._small = memoryview(bytes(self._small)), bytearray()
+            self._queue(small)
+        queued, self._queued = self._queued, []
+        concurrent.futures.wait(queued)
+        for future in queued:
+            future.result()
 
     def _put(self, view: memoryview) -> None:
         if self._file is not None:
@@ -158,19 +223,22 @@ class HashingFile(io.RawIOBase):
         return True
 
     def flush(self) -> None:
-        if self._file is not None:
+        if self._file is not None and not self._file.closed:
             self._file.flush()
 
     def close(self) -> None:
         if self.closed:
             return
         try:
-            super().close()  # flushes first
+            self._wait()
+            self.flush()
             if self._fd is not None and self._filled:
                 # The tail goes out padded to a whole block, then the file is cut to size.
                 self._drain(-(-self._filled // _BLOCK) * _BLOCK)
                 os.ftruncate(self._fd, self._size)
         finally:
+            if self._queued:  # a helper failed: the others must be done with the file first
+                concurrent.futures.wait(self._queued)
             if self._file is not None:
                 self._file.close()
             if self._fd is not None:
@@ -179,10 +247,38 @@ class HashingFile(io.RawIOBase):
                 _ALIGNED.give(self._buffer)
                 self._buffer = None
             self._hasher.shutdown()
+            self._writer.shutdown()
+            super().close()
 
     def digest(self) -> tuple[int, str]:
         """Size in bytes and sha256 of everything written, as :func:`file_digest` gives them."""
         return self._size, self._sha.hexdigest()
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+def _address(view: memoryview) -> int:
+    """Where ``view``'s bytes start in memory (read-only views too, which ctypes refuses)."""
+    buffer = _PyBuffer()
+    ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(view), ctypes.byref(buffer), 0)
+    try:
+        return buffer.buf or 0
+    finally:
+        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(buffer))
 
 
 def _open_direct(path: str) -> int | None:

@@ -1,6 +1,7 @@
 """Snapshots into reused host buffers: the training thread copies, it does not allocate."""
 
 import hashlib
+import io
 
 import pytest
 
@@ -62,6 +63,22 @@ def test_a_file_written_through_hashing_file_has_the_digest_read_back(tmp_path):
     assert torch.equal(torch.load(path, weights_only=True)["w"], state["w"])
 
 
+def test_torch_save_of_a_snapshot_hands_over_its_buffers_without_waiting(tmp_path):
+    stager = Stager()
+    state = {"a": torch.randn(512, 1024), "b": torch.randn(300, 1000), "c": torch.ones(3)}
+    snap = stager.snapshot({"model": state, "epoch": 3})
+    path = tmp_path / "x.pth"
+    with HashingFile(path, stable=snap.spans()) as f:
+        torch.save(snap.state, f)
+        queued = len(f._queued)  # the two large tensors' blocks, hashed and written later
+    assert queued >= 4
+    plain = io.BytesIO()
+    torch.save(snap.state, plain)
+    assert path.read_bytes() == plain.getvalue()
+    assert f.digest() == file_digest(path)
+    snap.release()
+
+
 def test_numpy_arrays_are_copied_into_reused_buffers_too():
     import numpy as np
 
@@ -75,5 +92,6 @@ def test_numpy_arrays_are_copied_into_reused_buffers_too():
     second = stager.snapshot(weights)
     assert [id(a) for a in second.state] == spare  # allocated beside training, reused now
     np.testing.assert_array_equal(second.state[0], weights[0])
+    assert sorted(second.spans()) == sorted((a.ctypes.data, a.nbytes) for a in second.state)
     first.release()
     second.release()

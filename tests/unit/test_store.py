@@ -3,6 +3,7 @@
 import errno
 import hashlib
 import os
+import threading
 
 import pytest
 
@@ -76,3 +77,67 @@ def test_other_write_errors_are_raised(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"), HashingFile(tmp_path / "x.bin") as f:
         f.write(os.urandom(BUFFER))
     assert f.closed
+
+
+def stable_memory(size):
+    """Random bytes in memory that stays put, and its span for ``HashingFile(stable=...)``."""
+    data = bytearray(os.urandom(size))
+    return data, (store._address(memoryview(data)), len(data))
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_blocks_in_stable_memory_are_written_in_order_with_the_rest(tmp_path, direct):
+    data, span = stable_memory(3 * BUFFER + 777)
+    view = memoryview(data)
+    large = HashingFile._PARALLEL
+    # Small pieces between queued blocks, a large piece outside the stable memory after them.
+    pieces = [b"head", view[:large], b"mid" * 10, view[large : 3 * large + 5], os.urandom(large)]
+    pieces += [b"x", view[3 * large + 5 :], b"tail"]
+    path = tmp_path / "x.bin"
+    with HashingFile(path, direct=direct, stable=[span]) as f:
+        for piece in pieces:
+            assert f.write(piece) == len(piece)
+    expected = b"".join(bytes(p) for p in pieces)
+    assert path.read_bytes() == expected
+    assert f.digest() == (len(expected), hashlib.sha256(expected).hexdigest())
+
+
+def test_a_block_in_stable_memory_is_written_after_write_returns(tmp_path, monkeypatch):
+    data, span = stable_memory(2 * HashingFile._PARALLEL)
+    returned = threading.Event()
+    put = HashingFile._put
+
+    def put_after_return(self, view):
+        assert returned.wait(10), "write() waited for the block to be written"
+        put(self, view)
+
+    monkeypatch.setattr(HashingFile, "_put", put_after_return)
+    with HashingFile(tmp_path / "x.bin", stable=[span]) as f:
+        f.write(memoryview(data))
+        returned.set()
+    assert (tmp_path / "x.bin").read_bytes() == data
+
+
+def test_a_failed_write_of_a_queued_block_is_raised(tmp_path, monkeypatch):
+    data, span = stable_memory(3 * BUFFER)
+
+    def put(self, view):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(HashingFile, "_put", put)
+    with (
+        pytest.raises(OSError, match="No space"),
+        HashingFile(tmp_path / "x.bin", stable=[span]) as f,
+    ):
+        for i in range(3):
+            f.write(memoryview(data)[i * BUFFER : (i + 1) * BUFFER])
+    assert f.closed
+
+
+def test_memory_outside_the_stable_spans_is_not_queued(tmp_path):
+    data, (start, size) = stable_memory(2 * HashingFile._PARALLEL)
+    with HashingFile(tmp_path / "x.bin", stable=[(start, size - 1)]) as f:
+        f.write(memoryview(data))  # reaches one byte past the span
+        assert not f._queued
+        f.write(memoryview(data)[: size - 1])
+        assert f._queued
