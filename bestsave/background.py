@@ -7,7 +7,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from bestsave.commit import Job
+from bestsave.commit import Abandoned, Job
 
 
 class BackgroundWriter:
@@ -16,7 +16,8 @@ class BackgroundWriter:
     A job submitted while another is pending is merged into it (:meth:`Job.absorb`), so a newer
     best replaces an older one that has not started. The first error a job raises is kept for
     :meth:`take_error` to hand to the training thread; the jobs after it are dropped (training
-    is about to stop) unless ``keep_going``, when they run as usual.
+    is about to stop) unless ``keep_going``, when they run as usual. :meth:`flush` abandons a
+    write in flight whose files the pending job would delete as soon as they land.
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class BackgroundWriter:
         self._keep_going = keep_going
         self._cond = threading.Condition()
         self._pending: Job | None = None
+        self._current: Job | None = None
         self._busy = False
         self._error: BaseException | None = None
         self._closed = False
@@ -66,6 +68,16 @@ class BackgroundWriter:
     def flush(self) -> None:
         """Block until every submitted job has run."""
         with self._cond:
+            current, pending = self._current, self._pending
+            if (
+                current
+                and pending
+                and {f.record.name for f in current.files} <= pending.superseded()
+            ):
+                # Training has stopped for this wait: writing a file only to delete it at once
+                # would make it longer. (During training the write goes on: it is the best on
+                # disk until the newer one lands.)
+                current.abandon()
             self._cond.wait_for(
                 lambda: (self._pending is None and not self._busy) or self._stopped()
             )
@@ -91,10 +103,14 @@ class BackgroundWriter:
                 if self._pending is None:
                     return
                 job, self._pending = self._pending, None
-                self._busy = True
+                self._current, self._busy = job, True
                 self._cond.notify_all()
             try:
                 self._run(job)  # type: ignore[arg-type]
+            except Abandoned:
+                with self._cond:
+                    assert self._pending is not None  # only flush() abandons, and only then
+                    self._pending = job.absorb(self._pending)
             except BaseException as e:
                 with self._cond:
                     self._error = self._error or e
@@ -103,7 +119,7 @@ class BackgroundWriter:
                         self._pending = None
             finally:
                 with self._cond:
-                    self._busy = False
+                    self._current, self._busy = None, False
                     self._cond.notify_all()
 
 

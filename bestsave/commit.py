@@ -41,6 +41,13 @@ class Content(Protocol):
         """Free what the capture holds; called once, whether the file was written or not."""
 
 
+class Abandoned(Exception):
+    """A write given up because the job after it deletes the file (see :meth:`Job.abandon`)."""
+
+    def __str__(self) -> str:
+        return "a newer checkpoint replaces this one"
+
+
 class WrittenFile:
     """A checkpoint a plain ``write(path)`` already wrote to a local file."""
 
@@ -69,6 +76,7 @@ class Captured:
         self.snapshot = snapshot
         self.stream = stream
         self.digest: tuple[int, str] | None = None
+        self._abandoned = False
 
     def materialize(self, path: str) -> str:
         if not self.stream:
@@ -77,10 +85,23 @@ class Captured:
         # The snapshot's buffers stay unchanged while it is written: the file may read them
         # after its write() returns.
         stable = self.snapshot.spans() if isinstance(self.snapshot, Snapshot) else ()
-        with HashingFile(path, stable=stable) as f:
-            self.serialize(self.snapshot, f)
+        try:
+            with HashingFile(path, stable=stable, interrupt=self._interrupt) as f:
+                self.serialize(self.snapshot, f)
+        except Exception as e:
+            if self._abandoned:  # torch.save ends the archive on the way out, and fails at it
+                raise Abandoned from e
+            raise
         self.digest = f.digest()
         return path
+
+    def abandon(self) -> None:
+        """Stop writing at the next block (a streamed write; others run to the end)."""
+        self._abandoned = True
+
+    def _interrupt(self) -> None:
+        if self._abandoned:
+            raise Abandoned
 
     def release(self) -> None:
         release = getattr(self.snapshot, "release", None)
@@ -144,6 +165,13 @@ class Job:
         for f in self.files:
             if f.content is not None:
                 f.content.release()
+
+    def abandon(self) -> None:
+        """Stop writing this job's files where they can be stopped: the job after it deletes
+        them all (:meth:`superseded`) and takes over the rest of it (:meth:`absorb`)."""
+        for f in self.files:
+            if isinstance(f.content, Captured):
+                f.content.abandon()
 
     def superseded(self) -> set[str]:
         """Names of the files this job evicts or replaces (a rolling ``last``)."""
@@ -244,6 +272,9 @@ class Committer:
         digests = dict(self.digests)
         try:
             pending = self._write_files(job)
+        except Abandoned:
+            self.digests = digests
+            raise
         except Exception as e:
             self._lose(job, digests)
             if not self.keep_evaluations:

@@ -21,7 +21,7 @@ import secrets
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,7 +80,8 @@ class HashingFile(io.RawIOBase):
     ``stable`` lists memory, as ``(address, size)`` spans, that nothing changes or frees until
     the file is closed (a snapshot's buffers). A large block inside it is queued for helper
     threads to hash and write, and ``write`` returns at once: ``torch.save`` computes the next
-    tensor's CRC-32 meanwhile instead of waiting.
+    tensor's CRC-32 meanwhile instead of waiting. ``interrupt`` is called before each block and
+    may raise to give the file up.
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "x.bin")
@@ -97,6 +98,7 @@ class HashingFile(io.RawIOBase):
         path: str | os.PathLike[str],
         direct: bool = True,
         stable: Sequence[tuple[int, int]] = (),
+        interrupt: Callable[[], None] | None = None,
     ) -> None:
         self.name = os.fspath(path)
         self._fd = _open_direct(self.name) if direct else None
@@ -106,11 +108,13 @@ class HashingFile(io.RawIOBase):
         self._sha = hashlib.sha256()
         self._size = 0
         self._stable = sorted(stable)
+        self._interrupt = interrupt
         self._hasher = concurrent.futures.ThreadPoolExecutor(1, "bestsave-hash")
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "bestsave-put")
         self._queued: list[concurrent.futures.Future[None]] = []
         self._small = bytearray()  # small blocks behind queued ones, queued with the next
         self._error: BaseException | None = None
+        self._discarded = False
 
     @property
     def direct(self) -> bool:
@@ -121,6 +125,8 @@ class HashingFile(io.RawIOBase):
         return True
 
     def write(self, b: Any) -> int:
+        if self._interrupt is not None:
+            self._interrupt()
         view = memoryview(b).cast("B")
         n = len(view)
         if self._error is not None:
@@ -226,18 +232,30 @@ class HashingFile(io.RawIOBase):
         if self._file is not None and not self._file.closed:
             self._file.flush()
 
+    def __exit__(self, *exc_info: object) -> None:
+        if exc_info[0] is not None:
+            self.discard()
+        self.close()
+
+    def discard(self) -> None:
+        """Give the file up: :meth:`close` then leaves unwritten what is still queued."""
+        self._discarded = True
+        for future in self._queued:
+            future.cancel()
+
     def close(self) -> None:
         if self.closed:
             return
         try:
-            self._wait()
-            self.flush()
-            if self._fd is not None and self._filled:
-                # The tail goes out padded to a whole block, then the file is cut to size.
-                self._drain(-(-self._filled // _BLOCK) * _BLOCK)
-                os.ftruncate(self._fd, self._size)
+            if not self._discarded:
+                self._wait()
+                self.flush()
+                if self._fd is not None and self._filled:
+                    # The tail goes out padded to a whole block, then the file is cut to size.
+                    self._drain(-(-self._filled // _BLOCK) * _BLOCK)
+                    os.ftruncate(self._fd, self._size)
         finally:
-            if self._queued:  # a helper failed: the others must be done with the file first
+            if self._queued:  # after a failure or a discard, helpers may still use the file
                 concurrent.futures.wait(self._queued)
             if self._file is not None:
                 self._file.close()

@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from bestsave.commit import Abandoned, Captured
 from bestsave.staging import Stager
 from bestsave.store import HashingFile, file_digest
 
@@ -77,6 +78,26 @@ def test_torch_save_of_a_snapshot_hands_over_its_buffers_without_waiting(tmp_pat
     assert path.read_bytes() == plain.getvalue()
     assert f.digest() == file_digest(path)
     snap.release()
+
+
+def test_a_torch_save_given_up_partway_stops_with_abandoned(tmp_path):
+    snap = Stager().snapshot({"a": torch.randn(512, 1024), "b": torch.randn(512, 1024)})
+
+    def serialize(snapshot, f):
+        write = f.write
+
+        def then_abandon(b):
+            n = write(b)
+            content.abandon()  # a flush found that the pending write deletes this file
+            return n
+
+        f.write = then_abandon
+        torch.save(snapshot.state, f)
+
+    content = Captured(serialize, snap, stream=True)
+    with pytest.raises(Abandoned):
+        content.materialize(str(tmp_path / "x.pth"))
+    content.release()
 
 
 def test_numpy_arrays_are_copied_into_reused_buffers_too():

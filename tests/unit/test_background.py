@@ -8,6 +8,7 @@ import warnings
 import pytest
 
 from bestsave import BestSaver, BestSaveWarning, Staged, WriteError, load_best, load_manifest
+from bestsave.commit import Captured
 
 pytestmark = pytest.mark.core
 
@@ -114,6 +115,63 @@ def test_a_newer_best_replaces_a_pending_one_that_has_not_started(tmp_path):
         "epoch=002-val_acc=0.7000.json",
         "history.jsonl",
     ]
+
+
+def streamed(text, blocks, gate=None, started=None):
+    """A write of ``blocks`` pieces through the file object the saver hands over; it waits for
+    ``gate`` after the first piece."""
+
+    def serialize(snapshot, f):
+        for i in range(blocks):
+            f.write(f"{snapshot.text}:{i};".encode())
+            if i == 0 and started is not None:
+                started.set()
+            if i == 0 and gate is not None:
+                gate.wait(10)
+            written.append((snapshot.text, i))
+
+    written = []
+    return Staged(lambda: Snapshot(text), serialize, stream=True), written
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_at_flush_a_write_the_pending_one_would_delete_is_abandoned(tmp_path, monkeypatch, top_k):
+    abandoned, gate, started = threading.Event(), threading.Event(), threading.Event()
+    abandon = Captured.abandon
+
+    def spy(self):
+        abandoned.set()
+        abandon(self)
+
+    monkeypatch.setattr(Captured, "abandon", spy)
+    saver = BestSaver(tmp_path, monitor="val_acc", top_k=top_k)
+    first, first_written = streamed("e0", 5, gate=gate, started=started)
+    saver.step(0, {"val_acc": 0.5}, write=first)
+    assert started.wait(10)  # e0 is in flight, waiting after its first block
+    second, _ = streamed("e1", 5)
+    saver.step(1, {"val_acc": 0.6}, write=second)  # pending: with top_k=1 it evicts e0
+    flushing = threading.Thread(target=saver.close)
+    flushing.start()
+    if top_k == 1:
+        assert abandoned.wait(10)
+    else:
+        flushing.join(0.5)  # it waits for e0, which it keeps
+        assert not abandoned.is_set()
+    gate.set()
+    flushing.join(10)
+    assert not flushing.is_alive()
+    kept = [r.epoch for r in load_manifest(tmp_path).kept]
+    history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert load_best(tmp_path).path.endswith("epoch=001-val_acc=0.6000")
+    assert open(load_best(tmp_path).path).read() == "".join(f"e1:{i};" for i in range(5))
+    if top_k == 1:
+        assert kept == [1]
+        assert len(first_written) == 1  # stopped at its next block
+        assert history[1]["decision"]["evicted"] == ["epoch=000-val_acc=0.5000"]
+        assert not [n for n in os.listdir(tmp_path) if "epoch=000" in n or "tmp" in n]
+    else:
+        assert sorted(kept) == [0, 1] and len(first_written) == 5
 
 
 def test_eviction_waits_for_the_replacement_to_be_committed(tmp_path):

@@ -141,3 +141,26 @@ def test_memory_outside_the_stable_spans_is_not_queued(tmp_path):
         assert not f._queued
         f.write(memoryview(data)[: size - 1])
         assert f._queued
+
+
+def test_a_file_given_up_leaves_its_queued_blocks_unwritten(tmp_path, monkeypatch):
+    data, span = stable_memory(3 * HashingFile._PARALLEL)
+    discarded, puts = threading.Event(), []
+    put, discard = HashingFile._put, HashingFile.discard
+
+    def slow_put(self, view):
+        puts.append(len(view))
+        assert discarded.wait(10)  # the first block is still being written when it is given up
+        put(self, view)
+
+    def spy(self):
+        discard(self)
+        discarded.set()
+
+    monkeypatch.setattr(HashingFile, "_put", slow_put)
+    monkeypatch.setattr(HashingFile, "discard", spy)
+    with pytest.raises(KeyboardInterrupt), HashingFile(tmp_path / "x.bin", stable=[span]) as f:
+        for i in range(3):
+            f.write(memoryview(data)[i * HashingFile._PARALLEL : (i + 1) * HashingFile._PARALLEL])
+        raise KeyboardInterrupt
+    assert f.closed and puts == [HashingFile._PARALLEL]
