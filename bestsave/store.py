@@ -174,7 +174,7 @@ class HashingFile(io.RawIOBase):
             self._put(view)
 
     def _note(self, future: concurrent.futures.Future[None]) -> None:
-        if self._error is None:
+        if self._error is None and not future.cancelled():
             self._error = future.exception()
 
     def _wait(self) -> None:
