@@ -77,9 +77,7 @@ class Stager:
             return
         like: dict[tuple[Any, ...], Any] = {}
         _tensors(state, (), like)
-        self._warming = threading.Thread(
-            target=_allocate, args=(self._slots[0], like), name="bestsave-stager", daemon=True
-        )
+        self._warming = _helper(self._slots[0], like)
         self._warming.start()
 
     def _warm_spare(self, slot: int) -> None:
@@ -89,9 +87,7 @@ class Stager:
         spare = next((i for i in range(len(self._slots)) if i != slot), None)
         if spare is None:
             return
-        self._warming = threading.Thread(
-            target=_allocate, args=(self._slots[spare], layout), name="bestsave-stager", daemon=True
-        )
+        self._warming = _helper(self._slots[spare], layout)
         self._warming.start()
 
     def _take_slot(self) -> int:
@@ -207,6 +203,14 @@ def _tensors(obj: Any, path: tuple[Any, ...], out: dict[tuple[Any, ...], Any]) -
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             _tensors(v, (*path, i), out)
+
+
+def _helper(
+    buffers: dict[tuple[Any, ...], Any], like: dict[tuple[Any, ...], Any]
+) -> threading.Thread:
+    """A thread that runs :func:`_allocate`. Not a daemon: the interpreter waits for it at exit,
+    since one stopped inside torch's allocation aborts the process."""
+    return threading.Thread(target=_allocate, args=(buffers, like), name="bestsave-stager")
 
 
 def _allocate(buffers: dict[tuple[Any, ...], Any], like: dict[tuple[Any, ...], Any]) -> None:

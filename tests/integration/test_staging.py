@@ -2,6 +2,9 @@
 
 import hashlib
 import io
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -116,3 +119,20 @@ def test_numpy_arrays_are_copied_into_reused_buffers_too():
     assert sorted(second.spans()) == sorted((a.ctypes.data, a.nbytes) for a in second.state)
     first.release()
     second.release()
+
+
+def test_a_process_that_exits_while_buffers_are_allocated_exits_cleanly(tmp_path):
+    # The spare set is allocated in a helper thread right after the first snapshot; a script
+    # that saves once and ends must not be torn down inside that allocation.
+    script = textwrap.dedent(
+        """
+        import torch
+        from bestsave.staging import Stager
+
+        state = {f"w{i}": torch.randn(1024, 1024) for i in range(8)}
+        Stager().snapshot(state).release()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "terminate called" not in done.stderr
