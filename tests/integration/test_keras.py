@@ -175,7 +175,14 @@ class Tracker:
 
 def test_delta_keeps_every_epoch_near_the_best_and_tells_trackers(tmp_path):
     script, tracker = Script([0.60, 0.80, 0.77, 0.70, 0.84, 0.81]), Tracker()
-    checkpoint = BestModelCheckpoint(tmp_path, monitor="val_score", delta=0.05, trackers=[tracker])
+    checkpoint = BestModelCheckpoint(
+        tmp_path,
+        monitor="val_score",
+        delta=0.05,
+        trackers=[tracker],
+        async_write=False,  # every kept file is written: in the background a newer one may
+        # replace a pending one (and its events) before it starts
+    )
     fit(make_model(), [script, checkpoint], epochs=6)
 
     # 0.80 and 0.77 joined, then 0.84 raised the bar to 0.79: 0.77 left, 0.81 joined.
