@@ -57,7 +57,7 @@ class ScriptedModel(L.LightningModule):
         self.log("test_loss", torch.nn.functional.mse_loss(self(x), y))
 
     def on_test_start(self) -> None:
-        self.test_weights = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        self.test_weights = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
@@ -79,6 +79,6 @@ class CaptureWeights(L.Callback):
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.weights[trainer.current_epoch] = {
-            k: v.detach().clone() for k, v in pl_module.state_dict().items()
+        self.weights[trainer.current_epoch] = {  # on the CPU, as the files load
+            k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()
         }
