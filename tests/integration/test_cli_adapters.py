@@ -48,8 +48,6 @@ def assert_average(soup: dict[str, torch.Tensor], members: list[dict[str, torch.
 
 
 def test_lightning_run(tmp_path, capsys):
-    import lightning as L
-
     from bestsave.adapters.lightning import BestCheckpoint
 
     sys.path.insert(0, str(DATA))
@@ -57,16 +55,7 @@ def test_lightning_run(tmp_path, capsys):
     checkpoint = BestCheckpoint(
         dirpath=tmp_path / "run", monitor="val_score", mode="max", save_top_k=2
     )
-    trainer = L.Trainer(
-        max_epochs=len(SCORES),
-        callbacks=[checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(scripted.ScriptedModel(script=SCORES))
+    scripted.fit(tmp_path, SCORES, checkpoint)
     soup = check_cli(tmp_path / "run", tmp_path, capsys, "soup.ckpt")
     members = [
         torch.load(r.path, weights_only=True)["state_dict"]

@@ -94,27 +94,15 @@ def test_torch_checkpointer_on_a_gpu_keeps_the_best_epochs_state(tmp_path, async
 
 
 def test_lightning_on_a_gpu_keeps_the_best_epochs_weights(tmp_path):
-    L = pytest.importorskip("lightning")
+    pytest.importorskip("lightning")
     from bestsave.adapters.lightning import BestCheckpoint
 
     sys.path.insert(0, str(Path(__file__).parent / "data" / "lightning"))
     scripted = importlib.import_module("lightning_scripted")
-    capture = scripted.CaptureWeights()
     checkpoint = BestCheckpoint(dirpath=tmp_path, monitor="val_score", mode="max")
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        max_epochs=len(SCORES),
-        callbacks=[capture, checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(scripted.ScriptedModel(script=SCORES))
+    _, _, weights = scripted.fit(tmp_path, SCORES, checkpoint, accelerator="gpu", devices=1)
     best = load_best(tmp_path)
     assert best.epoch == 2
     state = torch.load(best.path, map_location="cpu", weights_only=True)["state_dict"]
     for key, value in state.items():
-        assert torch.equal(value, capture.weights[2][key].cpu()), key
+        assert torch.equal(value, weights[2][key]), key

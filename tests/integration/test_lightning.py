@@ -30,35 +30,12 @@ DATA = Path(__file__).parent / "data" / "lightning"
 sys.path.insert(0, str(DATA))
 scripted = importlib.import_module("lightning_scripted")
 ScriptedModel, CaptureWeights = scripted.ScriptedModel, scripted.CaptureWeights
+trainer_for, fit = scripted.trainer_for, scripted.fit
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated.*"),
 ]
-
-
-def trainer_for(root, *callbacks, max_epochs, **kwargs):
-    options = dict(
-        max_epochs=max_epochs,
-        callbacks=list(callbacks),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-        log_every_n_steps=1,
-    )
-    options.update(kwargs)
-    return L.Trainer(**options)
-
-
-def fit(root, script, *callbacks, max_epochs=None, ckpt_path=None, model_kwargs=None, **kwargs):
-    """Fit the scripted model; returns the trainer, the model and its captured weights."""
-    capture = CaptureWeights()
-    model = ScriptedModel(script=list(script), **(model_kwargs or {}))
-    trainer = trainer_for(root, capture, *callbacks, max_epochs=max_epochs or len(script), **kwargs)
-    trainer.fit(model, ckpt_path=ckpt_path)
-    return trainer, model, capture.weights
 
 
 def kept_epochs(dirpath, kinds=("best", "top_k", "ensemble")):

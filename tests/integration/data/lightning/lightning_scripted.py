@@ -82,3 +82,28 @@ class CaptureWeights(L.Callback):
         self.weights[trainer.current_epoch] = {  # on the CPU, as the files load
             k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()
         }
+
+
+def trainer_for(root, *callbacks, max_epochs, **kwargs) -> L.Trainer:
+    """A quiet Trainer: no logger, progress bar, summary or sanity check."""
+    options = dict(
+        max_epochs=max_epochs,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        log_every_n_steps=1,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def fit(root, script, *callbacks, max_epochs=None, ckpt_path=None, model_kwargs=None, **kwargs):
+    """Fit the scripted model; returns the trainer, the model and its captured weights."""
+    capture = CaptureWeights()
+    model = ScriptedModel(script=list(script), **(model_kwargs or {}))
+    trainer = trainer_for(root, capture, *callbacks, max_epochs=max_epochs or len(script), **kwargs)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return trainer, model, capture.weights
