@@ -70,8 +70,8 @@ class BackgroundWriter:
         with self._cond:
             current, pending = self._current, self._pending
             if (
-                current
-                and pending
+                current is not None
+                and pending is not None
                 and {f.record.name for f in current.files} <= pending.superseded()
             ):
                 # Training has stopped for this wait: writing a file only to delete it at once
