@@ -159,15 +159,19 @@ class HashingFile(io.RawIOBase):
         return i >= 0 and start + len(view) <= sum(self._stable[i])
 
     def _queue(self, view: memoryview) -> None:
-        if self._small:
-            small, self._small = memoryview(bytes(self._small)), bytearray()
-            self._queue(small)
+        self._queue_small()
         for future in (
             self._hasher.submit(self._sha.update, view),
             self._writer.submit(self._put_queued, view),
         ):
             future.add_done_callback(self._note)
             self._queued.append(future)
+
+    def _queue_small(self) -> None:
+        """Queue the small blocks gathered since the last queued one, as one block."""
+        if self._small:
+            small, self._small = memoryview(bytes(self._small)), bytearray()
+            self._queue(small)
 
     def _put_queued(self, view: memoryview) -> None:
         if self._error is None:  # after a failed write the file is lost anyway
@@ -179,9 +183,7 @@ class HashingFile(io.RawIOBase):
 
     def _wait(self) -> None:
         """Hash and write everything queued, in order; raises what a helper raised."""
-        if self._small:
-            small, self._small = memoryview(bytes(self._small)), bytearray()
-            self._queue(small)
+        self._queue_small()
         queued, self._queued = self._queued, []
         concurrent.futures.wait(queued)
         for future in queued:
