@@ -80,8 +80,8 @@ class HashingFile(io.RawIOBase):
     ``stable`` lists memory, as ``(address, size)`` spans, that nothing changes or frees until
     the file is closed (a snapshot's buffers). A large block inside it is queued for helper
     threads to hash and write, and ``write`` returns at once: ``torch.save`` computes the next
-    tensor's CRC-32 meanwhile instead of waiting. ``interrupt`` is called before each block and
-    may raise to give the file up.
+    tensor's CRC-32 meanwhile instead of waiting. ``interrupt`` is called before each block, a
+    queued one too, and may raise to give the file up.
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "x.bin")
@@ -175,6 +175,8 @@ class HashingFile(io.RawIOBase):
 
     def _put_queued(self, view: memoryview) -> None:
         if self._error is None:  # after a failed write the file is lost anyway
+            if self._interrupt is not None:  # write() may have handed over every block already
+                self._interrupt()
             self._put(view)
 
     def _note(self, future: concurrent.futures.Future[None]) -> None:
@@ -182,12 +184,17 @@ class HashingFile(io.RawIOBase):
             self._error = future.exception()
 
     def _wait(self) -> None:
-        """Hash and write everything queued, in order; raises what a helper raised."""
+        """Hash and write everything queued, in order; raises what a helper raised, as soon as
+        one has (the blocks not started yet are dropped: the file is lost anyway)."""
         self._queue_small()
         queued, self._queued = self._queued, []
-        concurrent.futures.wait(queued)
+        _, left = concurrent.futures.wait(queued, return_when=concurrent.futures.FIRST_EXCEPTION)
+        for future in left:
+            future.cancel()
+        concurrent.futures.wait(left)
         for future in queued:
-            future.result()
+            if not future.cancelled():
+                future.result()
 
     def _put(self, view: memoryview) -> None:
         if self._file is not None:

@@ -5,6 +5,7 @@ import io
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -100,6 +101,32 @@ def test_a_torch_save_given_up_partway_stops_with_abandoned(tmp_path):
     content = Captured(serialize, snap, stream=True)
     with pytest.raises(Abandoned):
         content.materialize(str(tmp_path / "x.pth"))
+    content.release()
+
+
+def test_a_torch_save_given_up_while_its_tensors_are_written_stops_with_abandoned(
+    tmp_path, monkeypatch
+):
+    snap = Stager().snapshot({"a": torch.randn(512, 1024), "b": torch.randn(512, 1024)})
+    abandoned, puts = threading.Event(), []
+    put = HashingFile._put
+
+    def put_after_abandon(self, view):
+        if threading.current_thread() is not threading.main_thread():  # a tensor handed over
+            puts.append(len(view))
+            assert abandoned.wait(10)
+        put(self, view)
+
+    def serialize(snapshot, f):
+        torch.save(snapshot.state, f)  # returns once every tensor is handed over
+        content.abandon()  # a flush found that the pending write deletes this file
+        abandoned.set()
+
+    monkeypatch.setattr(HashingFile, "_put", put_after_abandon)
+    content = Captured(serialize, snap, stream=True)
+    with pytest.raises(Abandoned):
+        content.materialize(str(tmp_path / "x.pth"))
+    assert puts == [512 * 1024 * 4]  # the second tensor is not written
     content.release()
 
 

@@ -165,3 +165,28 @@ def test_a_file_given_up_leaves_its_queued_blocks_unwritten(tmp_path, monkeypatc
         raise KeyboardInterrupt
     assert f.closed and puts == [HashingFile._PARALLEL]
     assert not caplog.records  # cancelling the queued blocks is no error
+
+
+def test_an_interrupt_stops_a_file_whose_blocks_are_all_queued(tmp_path, monkeypatch):
+    data, span = stable_memory(3 * HashingFile._PARALLEL)
+    stop, puts = threading.Event(), []
+    put = HashingFile._put
+
+    def slow_put(self, view):
+        puts.append(len(view))
+        assert stop.wait(10)  # the first block is still being written when the file is given up
+        put(self, view)
+
+    def interrupt():
+        if stop.is_set():
+            raise InterruptedError("given up")
+
+    monkeypatch.setattr(HashingFile, "_put", slow_put)
+    with (
+        pytest.raises(InterruptedError),
+        HashingFile(tmp_path / "x.bin", stable=[span], interrupt=interrupt) as f,
+    ):
+        for i in range(3):
+            f.write(memoryview(data)[i * HashingFile._PARALLEL : (i + 1) * HashingFile._PARALLEL])
+        stop.set()  # every block is handed over: close() alone is left
+    assert f.closed and puts == [HashingFile._PARALLEL]
