@@ -1,10 +1,12 @@
 """TorchCheckpointer with real training: the best file holds the best epoch's weights."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -262,3 +264,57 @@ def test_background_and_synchronous_writes_hold_the_same_tensors(tmp_path):
         for key, value in state["model"].items():
             assert torch.equal(value, other["model"][key]), (name, key)
         assert state["epoch"] == other["epoch"]
+
+
+def test_closing_gives_up_a_finishing_write_the_newer_best_replaces(tmp_path, monkeypatch):
+    from bestsave.commit import Captured
+    from bestsave.store import HashingFile
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    closing, gate, puts = threading.Event(), threading.Event(), []
+    put, close, abandon = HashingFile._put, HashingFile.close, Captured.abandon
+
+    def gated_put(self, view):
+        if threading.current_thread().name.startswith("bestsave-put"):  # a tensor handed over
+            puts.append(os.path.basename(self.name))
+            assert gate.wait(10)
+        put(self, view)
+
+    def noted_close(self):
+        closing.set()  # torch.save has handed every tensor over
+        close(self)
+
+    def spy(self):
+        abandon(self)
+        gate.set()
+
+    monkeypatch.setattr(HashingFile, "_put", gated_put)
+    monkeypatch.setattr(HashingFile, "close", noted_close)
+    monkeypatch.setattr(Captured, "abandon", spy)
+
+    def train():
+        optimizer.zero_grad()
+        model(torch.randn(8, 512)).pow(2).mean().backward()
+        optimizer.step()
+
+    ckpt = TorchCheckpointer(tmp_path, monitor="val_loss")
+    train()
+    ckpt.step(0, {"val_loss": 0.5}, model=model)
+    assert closing.wait(10)  # epoch 0's write waits for its tensors to be written
+    train()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt.step(1, {"val_loss": 0.2}, model=model)  # pending, and it evicts epoch 0
+    ckpt.close()
+
+    assert len([n for n in puts if "epoch=000" in n]) == 1  # given up after its first tensor
+    best = load_best(tmp_path)
+    assert best.epoch == 1 and best.metrics == {"val_loss": 0.2}
+    state = torch.load(best.path, weights_only=True)
+    for key, value in weights.items():
+        assert torch.equal(state["model"][key], value), key
+    assert [r.epoch for r in load_manifest(tmp_path).kept] == [1]
+    assert not [n for n in os.listdir(tmp_path) if "epoch=000" in n or "tmp" in n]
+    history = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in history] == [0, 1]
