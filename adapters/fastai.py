@@ -46,12 +46,12 @@ from fastai.torch_core import distrib_barrier, get_model, rank_distrib
 from fastcore.foundation import L
 
 from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged, fetch, load_manifest
+from bestsave.messages import BestSaveWarning
 from bestsave.monitor import infer_mode
 from bestsave.naming import DEFAULT_TEMPLATE
 from bestsave.policy import Smooth
 from bestsave.saver import check_options
 from bestsave.staging import Snapshot, Stager
-from bestsave.tracker import BestSaveWarning
 
 __all__ = ["SaveBestModelCallback"]
 

@@ -40,12 +40,12 @@ from keras.src.saving import saving_lib
 from keras.src.utils.io_utils import print_msg
 
 from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged, fetch
+from bestsave.messages import BestSaveWarning
 from bestsave.monitor import infer_mode
 from bestsave.naming import DEFAULT_TEMPLATE, check_template
 from bestsave.policy import Smooth
 from bestsave.saver import check_options
 from bestsave.staging import Snapshot, Stager
-from bestsave.tracker import BestSaveWarning
 
 __all__ = ["BestModelCheckpoint"]
 

@@ -28,10 +28,10 @@ from typing import Any, Literal
 import torch
 
 from bestsave import BestSaver, Decision, Record, Staged, fetch, load_manifest
+from bestsave.messages import BestSaveWarning
 from bestsave.naming import DEFAULT_TEMPLATE
 from bestsave.policy import Smooth
 from bestsave.staging import Stager
-from bestsave.tracker import BestSaveWarning
 
 __all__ = ["Terminated", "TorchCheckpointer"]
 

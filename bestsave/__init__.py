@@ -5,12 +5,13 @@
 
 from bestsave.lock import DirectoryLockedError
 from bestsave.manifest import ChecksumError, Manifest, fetch, load_best, load_manifest
+from bestsave.messages import BestSaveWarning
 from bestsave.metrics import MissingMetricError
 from bestsave.monitor import Monitor, infer_mode
 from bestsave.policy import Policy, PolicyState, Verdict
 from bestsave.record import Record
 from bestsave.saver import BestSaver, Decision, RunExistsError, Staged, WriteError
-from bestsave.tracker import BestSaveWarning, Tracker
+from bestsave.tracker import Tracker
 
 __all__ = [
     "BestSaveWarning",

@@ -39,10 +39,11 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+from bestsave.layout import runs_in
 from bestsave.manifest import ChecksumError, Manifest, load_manifest
 from bestsave.metrics import MissingMetricError, as_number
-from bestsave.naming import MANIFEST
 from bestsave.record import Record
+from bestsave.store import open_store
 
 __all__ = ["main"]
 
@@ -89,6 +90,15 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(command=run)
         return sub
 
+    def run_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--run",
+            "-r",
+            metavar="NAME",
+            help="the run to read, when the directory holds several (each saver's is named "
+            "after its file name template)",
+        )
+
     def metric_option(sub: argparse.ArgumentParser, what: str) -> None:
         sub.add_argument(
             "--metric",
@@ -101,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = command("ls", _ls, "List the kept checkpoints, best first.")
     ls.add_argument("dir", help="the run's directory (the saver's dirpath)")
+    run_option(ls)
     ls.add_argument(
         "--all",
         "-a",
@@ -112,11 +123,13 @@ def _parser() -> argparse.ArgumentParser:
 
     show = command("show", _show, "Show the full record of the best (or the given) checkpoint.")
     show.add_argument("dir", help="the run's directory, or a checkpoint file in it")
+    run_option(show)
     show.add_argument("file", nargs="?", help="a kept checkpoint's file name (default: the best)")
     show.add_argument("--json", action="store_true", help="print the record as JSON")
 
     plot = command("plot", _plot, "Plot the monitored metric per epoch, the kept ones marked.")
     plot.add_argument("dir", help="the run's directory")
+    run_option(plot)
     plot.add_argument(
         "-o",
         "--output",
@@ -130,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
         "verify", _verify, "Check files against the manifest; exit code 0 only when clean."
     )
     verify.add_argument("dir", nargs="+", help="the run's directory (several may be given)")
+    run_option(verify)
     verify.add_argument(
         "--no-checksums",
         action="store_true",
@@ -139,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 
     soup = command("soup", _soup, "Average the weights of the kept checkpoints into one file.")
     soup.add_argument("dir", help="the run's directory")
+    run_option(soup)
     soup.add_argument(
         "-o",
         "--output",
@@ -154,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
     compare = command("compare", _compare, "Show the best of several runs side by side.")
     compare.add_argument("dir", nargs="+", help="the runs' directories")
+    run_option(compare)
     metric_option(compare, "show as a column")
     compare.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -180,7 +196,7 @@ def _version() -> str:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    manifest = _load(args.dir)
+    manifest = _load(args.dir, args.run)
     rows = [_row(r, manifest, "kept") for r in manifest.kept]
     if manifest.last is not None:
         rows.append(_row(manifest.last, manifest, "kept"))
@@ -234,7 +250,7 @@ def _show(args: argparse.Namespace) -> int:
     directory, file = args.dir, args.file
     if file is None and os.path.isfile(directory):  # ``bestsave show runs/a/epoch=003.pth``
         directory, file = os.path.dirname(directory) or ".", os.path.basename(directory)
-    manifest = _load(directory)
+    manifest = _load(directory, args.run)
     record = _find(manifest, file)
     is_best = record.name == manifest.best_name
     if args.json:
@@ -276,8 +292,8 @@ def _show(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from bestsave.plot import plot_history
 
-    _load(args.dir)
-    out = plot_history(args.dir, args.output, args.metric, title=args.title)
+    manifest = _load(args.dir, args.run)
+    out = plot_history(args.dir, args.output, args.metric, title=args.title, run=manifest.name)
     print(f"wrote {out}")
     return 0
 
@@ -287,9 +303,9 @@ def _verify(args: argparse.Namespace) -> int:
 
     found = []
     for directory in args.dir:
-        manifest = _load(directory)
-        problems = verify(directory, checksums=not args.no_checksums)
-        found.append((manifest, problems))
+        for manifest in _load_all(directory, args.run):
+            problems = verify(directory, manifest.name, checksums=not args.no_checksums)
+            found.append((manifest, problems))
     if args.json:
         _print_json(
             [
@@ -317,9 +333,9 @@ def _verify(args: argparse.Namespace) -> int:
 def _soup(args: argparse.Namespace) -> int:
     from bestsave.soup import members, soup
 
-    manifest = _load(args.dir)
-    available = len(members(args.dir))
-    chosen = soup(args.dir, args.output, top=args.top)
+    manifest = _load(args.dir, args.run)
+    available = len(members(args.dir, run=manifest.name))
+    chosen = soup(args.dir, args.output, top=args.top, run=manifest.name)
     table = _Table(
         ["", "file", "kind", "epoch", manifest.monitor],
         title=f"averaged {len(chosen)} checkpoint{'s' * (len(chosen) != 1)}",
@@ -348,7 +364,7 @@ def _soup(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    manifests = [_load(d) for d in args.dir]
+    manifests = [_load(d, args.run) for d in args.dir]
     labels = _labels(args.dir)
     monitors = {(m.monitor, m.mode) for m in manifests}
     winner: Manifest | None = None
@@ -414,16 +430,14 @@ def _compare(args: argparse.Namespace) -> int:
 # -- what the commands share -------------------------------------------------------------------
 
 
-def _load(directory: str) -> Manifest:
+def _load(directory: str, run: str | None) -> Manifest:
     """The run's manifest; when there is none, name the runs in the folders below, if any."""
     try:
-        return load_manifest(directory)
+        return load_manifest(directory, run)
     except FileNotFoundError:
         if os.path.isdir(directory):
             runs = sorted(
-                e.name
-                for e in os.scandir(directory)
-                if e.is_dir() and os.path.exists(os.path.join(e.path, MANIFEST))
+                e.name for e in os.scandir(directory) if e.is_dir() and runs_in(open_store(e.path))
             )
             if runs:
                 shown = ", ".join(runs[:5]) + (", ..." if len(runs) > 5 else "")
@@ -433,6 +447,14 @@ def _load(directory: str) -> Manifest:
                     f"{os.path.join(directory, '*')}"
                 ) from None
         raise
+
+
+def _load_all(directory: str, run: str | None) -> list[Manifest]:
+    """The manifest of ``run``, or of every run in the directory."""
+    if run is not None:
+        return [_load(directory, run)]
+    names = runs_in(open_store(directory))
+    return [load_manifest(directory, name) for name in names] or [_load(directory, None)]
 
 
 def _best_score(manifest: Manifest) -> float:
@@ -458,7 +480,7 @@ def _evicted(manifest: Manifest) -> list[dict[str, Any]]:
 
     open_: dict[str, dict[str, Any]] = {}
     gone: list[dict[str, Any]] = []
-    for index, line in enumerate(load_history(manifest.dirpath)):
+    for index, line in enumerate(load_history(manifest.dirpath, manifest.name)):
         decision = line["decision"]
         for name in decision.get("evicted", []):
             if name in open_:
@@ -505,19 +527,13 @@ def _find(manifest: Manifest, file: str | None) -> Record:
         return best
     name = os.path.basename(file)
     for record in records:
-        if name in (record.name, _sidecar(record, manifest)):
+        if name in (record.name, manifest.files.sidecar(record.name).rsplit("/", 1)[-1]):
             return record
     kept = ", ".join(r.name for r in records) or "none"
     raise FileNotFoundError(
         f"{name} is not kept in {manifest.dirpath} (kept: {kept}); "
         f"'bestsave ls --all {manifest.dirpath}' lists evicted ones too"
     )
-
-
-def _sidecar(record: Record, manifest: Manifest) -> str:
-    from bestsave.naming import sidecar_name
-
-    return sidecar_name(record.name, str(manifest.policy.get("extension", "")))
 
 
 def _key_metrics(

@@ -4,13 +4,16 @@ A :class:`Job` is everything one evaluation (or several merged ones) must make d
 :class:`Committer` carries it out, in the training thread or in the background worker, in the
 order that keeps the previous best loadable at every instant:
 
-1. each new file is written under a temporary name and made durable (hard links for files that
-   hold the same bytes);
+1. each new file is written under a temporary name in the run's folder and made durable (hard
+   links for files that hold the same bytes);
 2. the history lines are appended;
 3. the manifest that lists the new files and no longer lists the evicted ones replaces the old
    one (the commit point; it also names the temporary files, so a crash here is rolled forward);
 4. the new files are renamed into place and their sidecars written;
 5. the evicted files are deleted.
+
+A run that replaces an earlier run of the same name writes nothing until its first file: the
+earlier run stays whole until then, and its files are deleted as evicted ones are.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from bestsave.layout import HISTORY, RunFiles
 from bestsave.manifest import Manifest
-from bestsave.naming import HISTORY, MANIFEST, sidecar_name
 from bestsave.record import Record
 from bestsave.staging import Snapshot
 from bestsave.store import HashingFile, Store, file_digest
@@ -220,17 +223,21 @@ class Committer:
     def __init__(
         self,
         store: Store,
-        extension: str,
+        files: RunFiles,
         header: dict[str, Any],
         history_bytes: int,
         committed: SaverState,
         keep_evaluations: bool = False,
+        replacing: list[str] | None = None,
     ) -> None:
         self.store = store
         self.keep_evaluations = keep_evaluations
         """A failed file write still records its evaluation (training goes on); otherwise the
         job is undone whole, so a resumed run repeats it."""
-        self.extension = extension
+        self.files = files
+        self.replacing = replacing
+        """The files of an earlier run this one replaces, deleted once this run has committed
+        its first file; until then nothing is written (None when there is no earlier run)."""
         self.header = header
         """run, monitor, mode and policy: the manifest's fixed part."""
         self.history_bytes = history_bytes
@@ -268,6 +275,9 @@ class Committer:
         store = self.store
         state = job.state
         assert state is not None
+        if self.replacing is not None and not job.files:
+            self._carry += job.lines  # the earlier run stays whole until this one keeps a file
+            return [], []
         error: Exception | None = None
         digests = dict(self.digests)
         try:
@@ -284,21 +294,33 @@ class Committer:
             job = Job(lines=_amend(job.lines, lost, str(e)), state=state, best_name=job.best_name)
         lines, self._carry = [*self._carry, *job.lines], []
         history_bytes = self.history_bytes
+        files = self.files
+        replacing = self.replacing if pending else None
         try:
-            if lines:  # merged jobs: one append, one fsync
-                self.history_bytes = store.append_text(HISTORY, "".join(lines))
-            evicting = self._evicting(job)
-            store.write_text(MANIFEST, self._manifest(job, state, pending, evicting).to_json())
+            if replacing is not None:
+                # The earlier run's history goes with its manifest: renamed in after the commit.
+                text = "".join(lines)
+                pending[files.history] = files.tmp(HISTORY)
+                store.write_text(pending[files.history], text)
+                self.history_bytes = len(text.encode("utf-8"))
+            elif lines:  # merged jobs: one append, one fsync
+                self.history_bytes = store.append_text(files.history, "".join(lines))
+            evicting = self._evicting(job, replacing or [])
+            manifest = self._manifest(job, state, pending, evicting)
+            store.write_text(files.manifest, manifest.to_json())
         except BaseException as e:
             for tmp in pending.values():
                 store.delete(tmp)
-            store.truncate(HISTORY, history_bytes)
+            pending.pop(files.history, None)
+            if replacing is None:
+                store.truncate(files.history, history_bytes)
             self.history_bytes = history_bytes
             lost = {f.record.name for f in job.files}
             self._carry = _amend(lines, lost, str(e)) if self.keep_evaluations else []
             self._lose(job, digests)
             raise
         self.lost -= set(pending)
+        self.replacing = None
         for r in job.evict:
             self.restored.pop(r.name, None)
         self.committed = state
@@ -315,11 +337,12 @@ class Committer:
         evicted = [self.filled(r) for r in job.evict]
         for r in written:
             if r.kind != "last":
-                store.write_text(sidecar_name(r.name, self.extension), sidecar_text(r))
+                store.write_text(files.sidecar(r.name), sidecar_text(r))
         for name in evicting:
             store.delete(name)
             self.digests.pop(name, None)
         store.sync()
+        store.sync(files.folder)
         if error is not None:
             raise error
         return written, evicted
@@ -361,24 +384,17 @@ class Committer:
         the same name (a fixed file name) is still the one they describe."""
         self.digests = digests
         for r in job.evict:
-            if r.name not in self.lost:
+            if r.name not in self.lost and r.kind != "last":
                 self.restored[r.name] = self.filled(r)
         self.lost |= {f.record.name for f in job.files}
 
-    def _evicting(self, job: Job) -> list[str]:
+    def _evicting(self, job: Job, replacing: list[str]) -> list[str]:
         # A new file may reuse an evicted one's name (a fixed file name): the rename replaces
         # it, so it must not be deleted.
-        reused = {
-            n
-            for f in job.files
-            for n in (f.record.name, sidecar_name(f.record.name, self.extension))
-        }
-        return [
-            n
-            for r in job.evict
-            for n in (r.name, sidecar_name(r.name, self.extension))
-            if n not in reused
-        ]
+        side = self.files.sidecar
+        reused = {n for f in job.files for n in (f.record.name, side(f.record.name))}
+        evicted = [n for r in job.evict for n in (r.name, side(r.name))]
+        return [n for n in dict.fromkeys(evicted + replacing) if n not in reused]
 
     def _manifest(
         self, job: Job, state: SaverState, pending: dict[str, str], evicting: list[str]
@@ -412,6 +428,7 @@ class Committer:
             },
             pending={**self._unfinished, **pending},
             evicting=evicting,
+            name=self.files.name,
         )
 
 

@@ -1,4 +1,4 @@
-"""One directory, one writer: a lock file naming the run, host and process that hold it."""
+"""One run, one writer: a lock file naming the run, host and process that hold it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import socket
 import time
 from typing import Any
 
-from bestsave.naming import LOCK
 from bestsave.store import Store
 
 
@@ -26,41 +25,41 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def acquire(store: Store, run_id: str) -> None:
-    """Take the directory's lock, or raise naming the process that holds it.
+def acquire(store: Store, name: str, run_id: str) -> None:
+    """Take the lock file ``name``, or raise naming the process that holds it.
 
     A lock left by a process that no longer runs on this host (a killed run) is taken over;
-    one held by this process (a second saver on the same directory) is shared.
+    one held by this process (a notebook cell run again) is shared.
     """
     me = {"host": socket.gethostname(), "pid": os.getpid(), "run": run_id, "since": time.time()}
     text = json.dumps(me)
-    if store.create_exclusive(LOCK, text):
+    if store.create_exclusive(name, text):
         return
-    holder = _read(store)
+    holder = _read(store, name)
     if holder is not None and _held_elsewhere(holder, me):
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
         raise DirectoryLockedError(
             f"{store.url} is being written by run {holder.get('run', '?')} (host "
             f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {since}). "
             "Use another directory, or stop that run; if it is dead, delete "
-            f"{store.url}/{LOCK}."
+            f"{store.url}/{name}."
         )
-    store.write_text(LOCK, text)
+    store.write_text(name, text)
 
 
-def release(store: Store) -> None:
-    """Give the lock back if this process holds it."""
-    holder = _read(store)
+def release(store: Store, name: str) -> None:
+    """Give the lock file ``name`` back if this process holds it."""
+    holder = _read(store, name)
     if (
         holder is not None
         and holder.get("host") == socket.gethostname()
         and (holder.get("pid") == os.getpid())
     ):
-        store.delete(LOCK)
+        store.delete(name)
 
 
-def _read(store: Store) -> dict[str, Any] | None:
-    text = store.read_text(LOCK)
+def _read(store: Store, name: str) -> dict[str, Any] | None:
+    text = store.read_text(name)
     if text is None:
         return None
     try:

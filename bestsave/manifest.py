@@ -12,11 +12,12 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bestsave.naming import MANIFEST
+from bestsave.layout import RunFiles, runs_in
 from bestsave.record import Record, join
 from bestsave.store import Store, file_digest, open_store
 
-FORMAT = 1
+FORMAT = 2
+"""2: bestsave's files in ``.bestsave/<run>/``; 1 had them beside the checkpoints."""
 
 
 @dataclass
@@ -50,10 +51,17 @@ class Manifest:
     format: int = FORMAT
     monitors: dict[str, str] = field(default_factory=dict)
     """Every monitored metric and its mode; the first is :attr:`monitor`."""
+    name: str = ""
+    """The run's name in its directory (its folder in ``.bestsave``)."""
 
     def __post_init__(self) -> None:
         if not self.monitors:
             self.monitors = {self.monitor: self.mode}
+
+    @property
+    def files(self) -> RunFiles:
+        """Where the run's own files are (manifest, history, sidecars)."""
+        return RunFiles(self.name, str(self.policy.get("extension", "")))
 
     def best_for(self, monitor: str) -> Record | None:
         """The best checkpoint by one of the run's monitors."""
@@ -73,7 +81,9 @@ class Manifest:
     @property
     def best(self) -> Record | None:
         """The best checkpoint's record, or None when nothing is kept for its score."""
-        names = {self.best_name, self.pending.get(self.best_name or "")}
+        # A record located at its temporary file (see load_manifest) is named by that file.
+        pending = self.pending.get(self.best_name or "")
+        names = {self.best_name, pending.rsplit("/", 1)[-1] if pending else None}
         return next((r for r in self.kept if r.name in names), None)
 
     def to_json(self) -> str:
@@ -94,11 +104,11 @@ class Manifest:
         return json.dumps(data, indent=1, default=str, allow_nan=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, dirpath: str) -> Manifest:
+    def from_json(cls, text: str, dirpath: str, name: str) -> Manifest:
         data = json.loads(text)
         if data.get("format", 0) > FORMAT:
             raise ValueError(
-                f"{join(dirpath, MANIFEST)} was written by a newer bestsave "
+                f"{join(dirpath, RunFiles(name).manifest)} was written by a newer bestsave "
                 f"(format {data['format']}); upgrade bestsave to read it"
             )
         last = data.get("last")
@@ -116,40 +126,60 @@ class Manifest:
             evicting=data.get("evicting", []),
             format=data.get("format", FORMAT),
             monitors=data.get("monitors", {}),
+            name=name,
         )
 
 
-def read_manifest(store: Store) -> Manifest | None:
-    """The manifest in ``store``, or None when there is none."""
-    text = store.read_text(MANIFEST)
+def read_manifest(store: Store, name: str) -> Manifest | None:
+    """The manifest of run ``name`` in ``store``'s directory, or None when there is none."""
+    where = RunFiles(name).manifest
+    text = store.read_text(where)
     if text is None:
         return None
     try:
-        return Manifest.from_json(text, store.url)
+        return Manifest.from_json(text, store.url, name)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(
-            f"{join(store.url, MANIFEST)} is not a readable bestsave manifest ({e}); "
+            f"{join(store.url, where)} is not a readable bestsave manifest ({e}); "
             "move it away to start a new run there"
         ) from None
 
 
-def _dirpath(dirpath: str | os.PathLike[str]) -> str:
-    return os.fspath(dirpath)
+def find_run(store: Store, run: str | None = None) -> str:
+    """The name of the run to read in ``store``'s directory: ``run``, or the only one there."""
+    runs = runs_in(store)
+    if run is not None:
+        if run in runs:
+            return run
+        raise FileNotFoundError(
+            f"no bestsave run named {run!r} in {store.url}; "
+            + (f"its runs: {', '.join(map(repr, runs))}" if runs else "it holds none")
+        )
+    if len(runs) == 1:
+        return runs[0]
+    if not runs:
+        raise FileNotFoundError(
+            f"no bestsave run in {store.url}. Pass the directory given to the saver (dirpath)."
+        )
+    raise ValueError(
+        f"{store.url} holds {len(runs)} runs ({', '.join(map(repr, runs))}); "
+        f"name the one to read: run={runs[0]!r} (--run {runs[0]} on the command line)"
+    )
 
 
-def load_manifest(dirpath: str | os.PathLike[str], **storage_options: Any) -> Manifest:
+def load_manifest(
+    dirpath: str | os.PathLike[str], run: str | None = None, **storage_options: Any
+) -> Manifest:
     """The manifest of the run in ``dirpath`` (a local path or an fsspec URL).
 
-    Record paths are loadable: ``dirpath`` joined with the file name. A file committed by the
-    manifest but not yet renamed into place (a crash in between) is named by its temporary path.
+    A directory holding several runs (several savers, each with its own file name template)
+    needs ``run``, the run's name (``bestsave ls`` lists them). Record paths are loadable:
+    ``dirpath`` joined with the file name. A file committed by the manifest but not yet renamed
+    into place (a crash in between) is named by its temporary path.
     """
-    store = open_store(_dirpath(dirpath), **storage_options)
-    manifest = read_manifest(store)
-    if manifest is None:
-        raise FileNotFoundError(
-            f"no bestsave run in {store.url}: it has no {MANIFEST}. "
-            "Pass the directory given to the saver (dirpath)."
-        )
+    store = open_store(os.fspath(dirpath), **storage_options)
+    manifest = read_manifest(store, find_run(store, run))
+    assert manifest is not None, "find_run names a run with a manifest"
 
     def located(record: Record) -> Record:
         # Committed but not yet renamed (a crash in between): the temporary file holds the
@@ -192,8 +222,12 @@ def fetch(record: Record, **storage_options: Any) -> str:
     return local
 
 
-def load_best(dirpath: str | os.PathLike[str], **storage_options: Any) -> Record:
+def load_best(
+    dirpath: str | os.PathLike[str], run: str | None = None, **storage_options: Any
+) -> Record:
     """The best checkpoint's record in ``dirpath``; ``.path`` is the file to load.
+
+    ``run`` names the run when the directory holds several (see :func:`load_manifest`).
 
     >>> import tempfile
     >>> from bestsave import BestSaver, load_best
@@ -204,7 +238,7 @@ def load_best(dirpath: str | os.PathLike[str], **storage_options: Any) -> Record
     >>> load_best(d).epoch
     1
     """
-    manifest = load_manifest(dirpath, **storage_options)
+    manifest = load_manifest(dirpath, run, **storage_options)
     best = manifest.best
     if best is None:
         raise FileNotFoundError(

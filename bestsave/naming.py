@@ -8,12 +8,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from bestsave.metrics import MissingMetricError, as_number
-from bestsave.store import TMP_PREFIX
 
-MANIFEST = "bestsave.json"
-HISTORY = "history.jsonl"
-LOCK = "bestsave.lock"
-RESERVED = frozenset({MANIFEST, HISTORY, LOCK})
 DEFAULT_TEMPLATE = "epoch={epoch:03d}-{monitor}={score:.4f}"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+\-]")
@@ -91,27 +86,14 @@ def _format(value: Any, spec: str, conversion: str | None) -> str:
         return str(value)
 
 
-def is_reserved(name: str) -> bool:
-    """Names the saver keeps for itself: its manifest, history, lock, ``last.*`` and temps."""
-    return name in RESERVED or name.startswith(TMP_PREFIX) or name.split(".", 1)[0] == "last"
-
-
-def sidecar_name(name: str, extension: str) -> str:
-    """The JSON sidecar beside checkpoint ``name``."""
-    stem = name[: -len(extension)] if extension and name.endswith(extension) else name
-    return stem + ".json"
-
-
 def unique_name(stem: str, extension: str, taken: Collection[str]) -> str:
-    """``stem + extension``, or with ``-v1``, ``-v2``... when it or its sidecar is taken.
+    """``stem + extension``, or with ``-v1``, ``-v2``... when that name is taken.
 
     >>> unique_name("epoch=1", ".pt", {"epoch=1.pt"})
     'epoch=1-v1.pt'
     """
     candidate, version = stem, 0
-    while True:
-        name = candidate + extension
-        if not (name in taken or sidecar_name(name, extension) in taken or is_reserved(name)):
-            return name
+    while (name := candidate + extension) in taken:
         version += 1
         candidate = f"{stem}-v{version}"
+    return name

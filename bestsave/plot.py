@@ -50,6 +50,7 @@ def plot_history(
     metrics: Sequence[str] = (),
     *,
     title: str | None = None,
+    run: str | None = None,
     **storage_options: Any,
 ) -> str:
     """Plot the run in ``dirpath`` to ``output`` (``.png``, ``.svg`` or ``.pdf``); returns it.
@@ -59,6 +60,7 @@ def plot_history(
         output: The image to write; its extension picks the format.
         metrics: More logged metrics to plot, one panel each, below the monitored one.
         title: The figure's title; the run's directory and monitor by default.
+        run: The run's name, when the directory holds several.
         storage_options: Passed to fsspec for remote URLs.
     """
     out = os.fspath(output)
@@ -66,8 +68,8 @@ def plot_history(
         raise ValueError(
             f"cannot tell the image format of {out!r}; end its name with {', '.join(FORMATS)}"
         )
-    manifest = load_manifest(dirpath, **storage_options)
-    history = load_history(dirpath, **storage_options)
+    manifest = load_manifest(dirpath, run, **storage_options)
+    history = load_history(dirpath, manifest.name, **storage_options)
     if not history:
         raise ValueError(f"the run in {manifest.dirpath} has no evaluation yet; nothing to plot")
     logged = list(dict.fromkeys(k for line in history for k in line.get("metrics", {})))

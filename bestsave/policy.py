@@ -149,6 +149,9 @@ class Policy:
     warmup: int = 0
     """Epochs before this are never best nor kept for their score, and do not count for
     patience."""
+    periodic_start: int | None = None
+    """The first epoch ``keep_every_n_epochs`` keeps (0-based); n-1 by default, so epochs
+    n-1, 2n-1, ... are kept. fastai's ``every_epoch=n`` keeps 0, n, 2n, ...: start 0."""
     _cap: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -165,6 +168,8 @@ class Policy:
         ):
             raise ValueError(f"baseline must be None or a finite number, not {self.baseline!r}")
         _check_int("warmup", self.warmup, 0, "the number of epochs to ignore, 0 for none")
+        if self.periodic_start is not None:
+            _check_int("periodic_start", self.periodic_start, 0, "the first epoch to keep")
         object.__setattr__(self, "smooth", check_smooth(self.smooth))
         if self.top_k is None:
             cap = 1.0 if self.delta is None else math.inf
@@ -177,9 +182,18 @@ class Policy:
         """How many checkpoints may be kept for their score (``inf`` for no limit)."""
         return self._cap
 
+    @property
+    def judges(self) -> bool:
+        """Whether any decision depends on the score: without top-k, ensemble or patience, a
+        run keeps files on a schedule alone and its monitor may go unlogged."""
+        return self._cap > 0 or self.delta is not None or self.patience is not None
+
     def is_periodic(self, epoch: int) -> bool:
         n = self.keep_every_n_epochs
-        return n is not None and (epoch + 1) % n == 0
+        if n is None:
+            return False
+        start = n - 1 if self.periodic_start is None else self.periodic_start
+        return epoch >= start and (epoch - start) % n == 0
 
     def _rank_key(self, c: Candidate) -> tuple[float, float, int]:
         # Best first; then the better tie-break value; then the older one, so that a full tie

@@ -6,7 +6,6 @@ import atexit
 import json
 import os
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,24 +25,17 @@ from bestsave.commit import (
     sidecar_text,
 )
 from bestsave.guards import CONSTANT_AFTER, constant_warning, naming_warnings
+from bestsave.layout import RunFiles, run_name
 from bestsave.manifest import Manifest, read_manifest
+from bestsave.messages import warn
 from bestsave.metrics import MissingMetricError, as_score, clean_metrics
 from bestsave.monitor import Monitor, resolve_mode
-from bestsave.naming import (
-    DEFAULT_TEMPLATE,
-    HISTORY,
-    MANIFEST,
-    check_template,
-    render,
-    sanitize,
-    sidecar_name,
-    unique_name,
-)
+from bestsave.naming import DEFAULT_TEMPLATE, check_template, render, sanitize, unique_name
 from bestsave.policy import Candidate, Policy, PolicyState, Smooth
 from bestsave.record import Record, join
 from bestsave.staging import Snapshot
-from bestsave.store import TMP_PREFIX, Store, open_store, tmp_name
-from bestsave.tracker import BestSaveWarning, notify
+from bestsave.store import Store, open_store
+from bestsave.tracker import notify
 from bestsave.trackers import resolve_trackers
 
 Writer = Callable[[str], Any]
@@ -105,6 +97,8 @@ class WriteError(RuntimeError):
 
 
 _LIVE: weakref.WeakSet[BestSaver] = weakref.WeakSet()
+_OWNERS: weakref.WeakValueDictionary[str, BestSaver] = weakref.WeakValueDictionary()
+"""The saver that writes each run (by its folder) in this process."""
 
 
 @atexit.register
@@ -149,6 +143,7 @@ def check_options(
     smooth: Smooth = None,
     tie_break: str | tuple[str, str] | None = None,
     warmup: int = 0,
+    periodic_start: int | None = None,
     async_write: bool = True,
     on_write_error: str = "raise",
 ) -> Monitor | None:
@@ -173,7 +168,7 @@ def check_options(
     tie = _tie_break_monitor(tie_break)
     # The rules' own checks; the direction does not matter for them.
     Policy(Monitor("score", "max", min_delta), top_k, delta, keep_every_n_epochs, patience,
-           baseline, smooth, tie, warmup)  # fmt: skip
+           baseline, smooth, tie, warmup, periodic_start)  # fmt: skip
     return tie
 
 
@@ -209,6 +204,7 @@ class BestSaver:
             ``delta``, no cap with it.
         delta: Keep every checkpoint within ``delta`` of the best (a near-best ensemble).
         keep_every_n_epochs: Also keep epochs n-1, 2n-1, ... (0-based), whatever their score.
+            Without ``top_k``, ``delta`` or ``patience`` to judge, the monitor may go unlogged.
         save_last: Keep a rolling ``last`` checkpoint for resuming (``True`` or ``"link"``; both
             hard-link it to a kept file holding the same state instead of writing it twice).
         patience: Evaluations without improvement before :attr:`should_stop` is True.
@@ -216,14 +212,19 @@ class BestSaver:
             any logged metric (``{val_loss:.3f}``, ``{val/loss:.3f}``) may appear.
         baseline: A score must beat this to be best or kept (Keras's
             ``initial_value_threshold``); a resumed run's best replaces it.
-        resume: Continue the run whose manifest is in ``dirpath`` (a new run when there is none).
-        overwrite: Delete the files another run's manifest lists in ``dirpath`` and start afresh.
+        resume: Continue the run of this name in ``dirpath`` (a new run when there is none).
+        overwrite: Start a new run over an earlier run of this name in ``dirpath``; the earlier
+            run stays whole until this one has kept its first file, then its files are deleted.
+            Without ``resume`` or ``overwrite``, an earlier run that kept a checkpoint for its
+            score is an error (:class:`RunExistsError`); one that kept none is replaced.
         smooth: Judge on a smoothed score: ``N`` (mean of the last N valid scores) or
             ``("ema", alpha)``. Records and history keep the raw score beside it.
         tie_break: A metric that decides ties (equal scores, or within ``min_delta``): its
             name (mode inferred) or ``(name, mode)``. Without it a tie keeps the incumbent.
         warmup: Epochs before this are never best nor kept for their score (history, periodic
             and last checkpoints still are), so early spikes never become the best.
+        periodic_start: The first epoch ``keep_every_n_epochs`` keeps (n-1 by default; 0 keeps
+            epochs 0, n, 2n, ...).
         trackers: ``"auto"`` (a W&B or MLflow run already active), ``"wandb"``, ``"mlflow"``, or
             objects with ``on_save``/``on_evict``/``on_end`` (see :class:`bestsave.Tracker`).
         async_write: Write :class:`Staged` writers' snapshots in a background thread: the
@@ -233,6 +234,10 @@ class BestSaver:
         on_write_error: ``"raise"`` (default) stops training with the write's error; ``"warn"``
             warns and trains on. Either way the previous best stays intact.
         extension: Appended to every file name (adapters pass their format's, e.g. ``".ckpt"``).
+        name: The run's name in ``dirpath``, the folder in ``dirpath/.bestsave`` that holds its
+            manifest, history and records; by default made from ``filename`` and the first
+            monitor, so savers that write differently named files can share a directory.
+        last_name: Template of the ``last`` file's name (without the extension).
         writer: False on processes that must not write (distributed ranks other than 0): they
             reach the same decisions and touch no file.
         framework: Recorded in the run info, e.g. ``"lightning"``.
@@ -268,10 +273,13 @@ class BestSaver:
         smooth: Smooth = None,
         tie_break: str | tuple[str, str] | None = None,
         warmup: int = 0,
+        periodic_start: int | None = None,
         baseline: float | None = None,
         async_write: bool = True,
         on_write_error: Literal["raise", "warn"] = "raise",
         extension: str = "",
+        name: str | None = None,
+        last_name: str = "last",
         writer: bool = True,
         framework: str | None = None,
         hparams: Mapping[str, Any] | None = None,
@@ -294,14 +302,25 @@ class BestSaver:
             min_delta=min_delta, top_k=top_k, delta=delta,
             keep_every_n_epochs=keep_every_n_epochs, patience=patience, save_last=save_last,
             filename=filename, baseline=baseline, smooth=smooth, tie_break=tie_break,
-            warmup=warmup, async_write=async_write, on_write_error=on_write_error,
+            warmup=warmup, periodic_start=periodic_start, async_write=async_write,
+            on_write_error=on_write_error,
         )  # fmt: skip
+        check_template(last_name)
         self.monitors = [
             Monitor(n, resolve_mode(n, m), min_delta) for n, m in zip(names, modes, strict=True)
         ]
         self.policies = {
             m.name: Policy(
-                m, top_k, delta, keep_every_n_epochs, patience, baseline, smooth, tie, warmup
+                m,
+                top_k,
+                delta,
+                keep_every_n_epochs,
+                patience,
+                baseline,
+                smooth,
+                tie,
+                warmup,
+                periodic_start,
             )
             for m in self.monitors
         }
@@ -310,6 +329,7 @@ class BestSaver:
         self.policy = self.policies[self.monitor.name]
         self.save_last = save_last
         self.filename = filename
+        self.last_name = last_name
         self.extension = extension
         self.writer = writer
         self.async_write = bool(async_write)
@@ -317,6 +337,10 @@ class BestSaver:
         self.trackers = resolve_trackers(trackers) if writer else []
         self._store: Store = open_store(dirpath, **dict(storage_options or {}))
         self.dirpath = self._store.url
+        self.files = RunFiles(
+            sanitize(name) if name else run_name(filename, self.monitor.name), extension
+        )
+        """Where the run's own files are: ``dirpath/.bestsave/<name>/``."""
 
         self._states = {m.name: PolicyState() for m in self.monitors}
         self._first_scores: dict[str, list[float]] = {m.name: [] for m in self.monitors}
@@ -326,29 +350,30 @@ class BestSaver:
         self._last: Record | None = None
         self._warned: set[str] = set()
         self._taken: set[str] = set()
+        self._replaced: set[str] = set()
+        self._superseded = False
         self._ended_best: str | None = ""
         started_ts, started = _now()
         self._run = runinfo.collect(framework, dict(hparams or {}), started)
         self._run["started_ts"] = started_ts
         history_bytes = 0
+        replacing: list[str] | None = None
         self._locked = False
         if writer:
-            lock.acquire(self._store, self._run["id"])
-            self._locked = True
+            self._lock()
             try:
-                history_bytes = self._open(resume=resume, overwrite=overwrite)
+                history_bytes, replacing = self._open(resume=resume, overwrite=overwrite)
             except BaseException:
                 self._release_lock()
                 raise
         elif resume:
             # Other ranks read the run rank 0 resumes, so they reach the same decisions.
-            manifest = read_manifest(self._store)
-            if manifest is not None:
-                self._check_monitors(manifest)
+            manifest = read_manifest(self._store, self.files.name)
+            if manifest is not None and self._compatible(manifest):
                 self._restore(manifest)
         self._committer = Committer(
             self._store,
-            extension,
+            self.files,
             {
                 "run": self._run,
                 "monitor": self.monitor.name,
@@ -359,6 +384,7 @@ class BestSaver:
             history_bytes,
             self._saver_state(),
             keep_evaluations=on_write_error == "warn",
+            replacing=replacing,
         )
         self._worker: BackgroundWriter | None = None
         self._worker_error: BaseException | None = None
@@ -510,64 +536,92 @@ class BestSaver:
         self._kept = list(state.kept)
         self._last = state.last
         self._warned = set(state.warned)
-        self._taken = set(self._store.names())
+        self._taken = set(self._store.names()) - self._replaced
 
     # -- opening a directory ----------------------------------------------------------------
 
-    def _open(self, resume: bool, overwrite: bool) -> int:
-        """Take the directory over; returns the committed size of the history."""
-        store = self._store
-        manifest = read_manifest(store)
-        history_bytes = 0
-        if manifest is not None and resume:
-            self._check_monitors(manifest)
-            history_bytes = self._restore(manifest)
-            self._recover(manifest, history_bytes)
-        elif manifest is not None and overwrite:
-            for name in self._names_of(manifest):
-                store.delete(name)
-            store.delete(HISTORY)
-            store.delete(MANIFEST)
-        elif manifest is not None:
-            best = manifest.best
-            what = (
-                f"its best is {best.name} ({manifest.monitor}={best.score})"
-                if best
-                else "it has kept no best yet"
-            )
-            raise RunExistsError(
-                f"{self.dirpath} holds run {manifest.run.get('id', '?')} started "
-                f"{manifest.run.get('started', '?')} on {manifest.run.get('host', '?')}; {what}. "
-                "Pass resume=True to continue it, overwrite=True to replace it, "
-                "or choose another directory."
-            )
+    def _lock(self) -> None:
+        """Take the run's lock. In this process a newer saver of the same run takes it over (a
+        notebook cell run again); the older one then refuses to step."""
+        key = join(self.dirpath, self.files.folder)
+        older = _OWNERS.get(key)
+        if older is not None and older is not self and older._locked:
+            older._flush(quiet=True)
+            older._locked = False
+            older._superseded = True
+        lock.acquire(self._store, self.files.lock, self._run["id"])
+        _OWNERS[key] = self
+        self._locked = True
+
+    def _open(self, resume: bool, overwrite: bool) -> tuple[int, list[str] | None]:
+        """Take the run over. Returns the committed size of its history, and the files of an
+        earlier run this one replaces (None when it replaces none)."""
+        store, files = self._store, self.files
+        manifest = read_manifest(store, files.name)
+        if manifest is not None:
+            self._finish(manifest)
+        for name in files.leftovers(store):
+            store.delete(name)
+        history_bytes, replacing = 0, None
         if manifest is None:
             # History written before a first commit that never came belongs to no run.
-            store.truncate(HISTORY, 0)
-        for name in store.names():
-            if name.startswith(TMP_PREFIX):
-                store.delete(name)
-        self._taken = set(store.names())
-        return history_bytes
-
-    def _check_monitors(self, manifest: Manifest) -> None:
-        theirs = manifest.monitors
-        ours = {m.name: m.mode for m in self.monitors}
-        if theirs != ours:
-            raise ValueError(
-                f"cannot resume the run in {self.dirpath}: it monitors {theirs}, this saver "
-                f"{ours}; use the same monitors and modes, or another directory"
+            store.truncate(files.history, 0)
+        elif resume and self._compatible(manifest):
+            history_bytes = self._restore(manifest)
+        elif overwrite or manifest.best is None:
+            replacing = self._names_of(manifest)
+            self._warn_replacing(manifest)
+        elif resume:
+            ours = {m.name: m.mode for m in self.monitors}
+            raise RunExistsError(
+                f"cannot resume {self._describe(manifest)}: it monitors {manifest.monitors}, "
+                f"this saver {ours}. Use the same monitors and modes to resume it, "
+                "overwrite=True to start a new run in its place, or another directory."
             )
+        else:
+            raise RunExistsError(
+                f"{self._describe(manifest)}. Pass resume=True to continue it, overwrite=True "
+                "to start a new run in its place, or choose another directory."
+            )
+        self._replaced = set(replacing or ())
+        self._taken = set(store.names()) - self._replaced
+        return history_bytes, replacing
+
+    def _describe(self, manifest: Manifest) -> str:
+        """The earlier run in words: where, when, and its best."""
+        best = manifest.best
+        what = (
+            f"its best is {best.name} ({manifest.monitor}={best.score})"
+            if best
+            else "it kept no checkpoint for its score"
+        )
+        run = manifest.run
+        return (
+            f"{self.dirpath} holds run {run.get('id', '?')} ({self.files.name!r}, started "
+            f"{run.get('started', '?')} on {run.get('host', '?')}); {what}"
+        )
+
+    def _warn_replacing(self, manifest: Manifest) -> None:
+        files = [r.name for r in manifest.kept] + ([manifest.last.name] if manifest.last else [])
+        gone = f"its files ({', '.join(files)}) are" if files else "its records are"
+        warn(
+            f"{self._describe(manifest)}. Starting a new run there: the earlier run stays whole "
+            f"until this one keeps its first checkpoint, then {gone} deleted. Pass "
+            "resume=True to continue it instead, or choose another directory."
+        )
+
+    def _compatible(self, manifest: Manifest) -> bool:
+        return manifest.monitors == {m.name: m.mode for m in self.monitors}
 
     @staticmethod
     def _names_of(manifest: Manifest) -> list[str]:
-        extension = str(manifest.policy.get("extension", ""))
+        """Every file of ``manifest``'s run and their records (its history is replaced)."""
+        files = manifest.files
         names = []
         for r in manifest.kept:
-            names += [r.name, sidecar_name(r.name, extension)]
+            names += [r.name, files.sidecar(r.name)]
         if manifest.last:
             names.append(manifest.last.name)
-        names += list(manifest.pending.values()) + manifest.evicting
         return names
 
     def _restore(self, manifest: Manifest) -> int:
@@ -587,19 +641,19 @@ class BestSaver:
         self._run = run
         return int(state.get("history_bytes", 0))
 
-    def _recover(self, manifest: Manifest, history_bytes: int) -> None:
-        """Finish what a crash interrupted: the manifest is the truth, files follow it."""
-        store = self._store
+    def _finish(self, manifest: Manifest) -> None:
+        """Finish what a crash interrupted in ``manifest``'s run: the manifest is the truth,
+        files follow it."""
+        store, files = self._store, manifest.files
         for final, tmp in manifest.pending.items():
             if store.exists(tmp):
                 store.rename(tmp, final)
         for name in manifest.evicting:
             store.delete(name)
-        for r in self._kept:
-            side = sidecar_name(r.name, self.extension)
-            if not store.exists(side):
-                store.write_text(side, sidecar_text(r))
-        store.truncate(HISTORY, history_bytes)
+        for r in manifest.kept:
+            if not store.exists(files.sidecar(r.name)):
+                store.write_text(files.sidecar(r.name), sidecar_text(r))
+        store.truncate(files.history, int(manifest.state.get("history_bytes", 0)))
 
     # -- one evaluation ----------------------------------------------------------------------
 
@@ -631,10 +685,15 @@ class BestSaver:
             MissingMetricError: a monitored metric is not in ``metrics``.
             WriteError: an earlier background write failed (with ``on_write_error="raise"``).
         """
+        if self._superseded:
+            raise RuntimeError(
+                f"another saver in this process has since opened run {self.files.name!r} in "
+                f"{self.dirpath}, and two savers cannot write one run: give each its own "
+                "dirpath or file name template"
+            )
         self._check_worker()
         if self.writer and not self._locked:
-            lock.acquire(self._store, self._run["id"])
-            self._locked = True
+            self._lock()
         raw = {m.name: self._score_of(m.name, metrics, epoch) for m in self.monitors}
         secondary = self._secondary(metrics)
         ts, now = _now()
@@ -652,8 +711,17 @@ class BestSaver:
             for r in self._kept
             if r.kind in _RANKED and r.monitor in verdicts and r.id in verdicts[r.monitor].evict
         )
-        taken = self._taken - {n for r in evicted for n in self._files_of(r)}
+        taken = self._taken - {r.name for r in evicted}
         template = {**clean, "epoch": int(epoch), "step": step}
+
+        def values(m: Monitor, score: float | None) -> dict[str, Any]:
+            return {**template, **self._fields(m, score), **(fields or {})}
+
+        last = None
+        if self.save_last:
+            name = render(self.last_name, values(self.monitor, first.score)) + self.extension
+            last = replace(base, kind="last", path=join(self.dirpath, name))
+            taken.add(name)
         new: list[Record] = []
         for m in self.monitors:
             verdict = verdicts[m.name]
@@ -667,23 +735,24 @@ class BestSaver:
                     raw_score=raw[m.name],
                 )
                 new.append(
-                    self._named(
-                        record, {**template, **self._fields(m, verdict.score)}, fields, taken
-                    )
+                    self._named(record, render(self.filename, values(m, verdict.score)), taken)
                 )
         if first.periodic:
-            new.append(
-                self._named(
-                    replace(base, kind="periodic"),
-                    {**template, **self._fields(self.monitor, first.score)},
-                    fields,
-                    taken,
-                )
-            )
-        last = (
-            replace(base, kind="last", path=join(self.dirpath, "last" + self.extension))
-            if self.save_last
-            else None
+            stem = render(self.filename, values(self.monitor, first.score))
+            if any(r.name == stem + self.extension for r in new):
+                stem += "-periodic"  # the same bytes, linked: kept for its score and its epoch
+            # A periodic file named like an earlier one (a name without the epoch) replaces it,
+            # as the frameworks' callbacks overwrite it.
+            older = [
+                r for r in self._kept if r.kind == "periodic" and r.name == stem + self.extension
+            ]
+            evicted += tuple(older)
+            taken -= {r.name for r in older}
+            new.append(self._named(replace(base, kind="periodic"), stem, taken))
+        renamed_last = (
+            (self._last,)
+            if last is not None and self._last is not None and self._last.name != last.name
+            else ()
         )
         if (new or last) and write is None:
             raise TypeError("step() must be given write= to save a checkpoint at this evaluation")
@@ -710,7 +779,8 @@ class BestSaver:
         job = None
         if self.writer:
             job = Job(
-                evict=list(evicted), lines=[json.dumps(line, default=str, allow_nan=False) + "\n"]
+                evict=[*evicted, *renamed_last],
+                lines=[json.dumps(line, default=str, allow_nan=False) + "\n"],
             )
             try:
                 records = new + ([last] if last is not None else [])
@@ -722,7 +792,7 @@ class BestSaver:
         self._evaluations += 1
         self._last_epoch = int(epoch)
         self._kept = [r for r in self._kept if r not in evicted] + new
-        self._taken = taken | {n for r in new for n in self._files_of(r)}
+        self._taken = taken | {r.name for r in new}
         if last is not None:
             self._last = last
         self._guard(metrics, raw)
@@ -745,6 +815,8 @@ class BestSaver:
 
     def _score_of(self, name: str, metrics: Mapping[str, Any], epoch: int) -> float | None:
         if name not in metrics:
+            if not self.policies[name].judges:
+                return None  # files are kept on a schedule: nothing needs the score
             raise MissingMetricError(name, [str(k) for k in metrics])
         score, reason = as_score(metrics[name])
         if reason in ("nan", "inf", "not a number"):
@@ -811,22 +883,10 @@ class BestSaver:
             id=id,
         )
 
-    def _named(
-        self,
-        record: Record,
-        values: dict[str, Any],
-        fields: Mapping[str, Any] | None,
-        taken: set[str],
-    ) -> Record:
-        stem = render(self.filename, {**values, **(fields or {})})
-        if record.kind == "periodic":  # the same epoch may also be kept for its score
-            stem += "-periodic"
+    def _named(self, record: Record, stem: str, taken: set[str]) -> Record:
         name = unique_name(stem, self.extension, taken)
-        taken |= {name, sidecar_name(name, self.extension)}
+        taken.add(name)
         return replace(record, path=join(self.dirpath, name))
-
-    def _files_of(self, r: Record) -> tuple[str, str]:
-        return r.name, sidecar_name(r.name, self.extension)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -850,7 +910,7 @@ class BestSaver:
         for r in records:
             own = r is last and write_last is not None
             twin = shared.record.name if shared is not None and not own else None
-            job.files.append(NewFile(r, tmp_name(r.name), same_as=twin))
+            job.files.append(NewFile(r, self.files.tmp(r.name), same_as=twin))
             if shared is None and not own:
                 shared = job.files[-1]
         held = self._hold_pending(job)
@@ -951,11 +1011,9 @@ class BestSaver:
                     "on_write_error='warn' to train on without that checkpoint"
                 ) from error
             raise error
-        warnings.warn(
+        warn(
             f"writing a checkpoint to {self.dirpath} failed ({type(error).__name__}: {error}); "
-            "training goes on and the previous best is intact",
-            BestSaveWarning,
-            stacklevel=4,
+            "training goes on and the previous best is intact"
         )
 
     def _policy_dict(self) -> dict[str, Any]:
@@ -969,6 +1027,7 @@ class BestSaver:
             "top_k": p.top_k,
             "delta": p.delta,
             "keep_every_n_epochs": p.keep_every_n_epochs,
+            "periodic_start": p.periodic_start,
             "patience": p.patience,
             "baseline": p.baseline,
             "save_last": self.save_last,
@@ -980,7 +1039,7 @@ class BestSaver:
         if key in self._warned:
             return
         self._warned.add(key)
-        warnings.warn(message, BestSaveWarning, stacklevel=3)
+        warn(message)
 
     # -- the rest ------------------------------------------------------------------------------
 
@@ -990,15 +1049,18 @@ class BestSaver:
         write: Writer | Staged,
         metrics: Mapping[str, Any] | None = None,
         step: int | None = None,
+        filename: str = "exception-epoch={epoch:03d}",
     ) -> Record | None:
         """Keep the state at an exception (kind ``exception``), outside the policy: it never
-        counts as best and is never evicted. Written before this returns."""
+        counts as best and is never evicted. Written before this returns.
+
+        ``filename`` is the file's name template; the epoch, step and ``metrics`` fill it."""
         if not self.writer:
             return None
         ts, now = _now()
         clean = clean_metrics(metrics or {})
         name = unique_name(
-            render("exception-epoch={epoch:03d}", {"epoch": int(epoch)}),
+            render(filename, {**clean, "epoch": int(epoch), "step": step}),
             self.extension,
             self._taken,
         )
@@ -1010,7 +1072,7 @@ class BestSaver:
         self._flush(quiet=True)
         job = self._capture(Job(), [record], None, write, None)
         self._kept.append(record)
-        self._taken |= set(self._files_of(record))
+        self._taken.add(record.name)
         job.state = self._saver_state()
         best = self.best
         job.best_name = best.name if best else None
@@ -1054,13 +1116,11 @@ class BestSaver:
         if self._locked:
             self._locked = False
             try:
-                lock.release(self._store)
+                lock.release(self._store, self.files.lock)
             except OSError as e:  # a directory that turned read-only: the lock goes stale
-                warnings.warn(
+                warn(
                     f"could not remove the lock in {self.dirpath} ({e}); the next run takes "
-                    "it over once this process has ended",
-                    BestSaveWarning,
-                    stacklevel=3,
+                    "it over once this process has ended"
                 )
 
     def __enter__(self) -> BestSaver:

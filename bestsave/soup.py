@@ -67,13 +67,16 @@ _KERAS_WEIGHTS = "model.weights.h5"
 
 
 def members(
-    dirpath: str | os.PathLike[str], top: int | None = None, **storage_options: Any
+    dirpath: str | os.PathLike[str],
+    top: int | None = None,
+    run: str | None = None,
+    **storage_options: Any,
 ) -> list[Record]:
     """The checkpoints a soup of the run in ``dirpath`` averages: those kept for their score
     (best, top-k, ensemble), best first; the ``top`` best when given."""
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
         raise ValueError(f"top must be an int >= 1 (how many of the best to average), not {top!r}")
-    manifest = load_manifest(dirpath, **storage_options)
+    manifest = load_manifest(dirpath, run, **storage_options)
     ranked = [r for r in manifest.kept if r.kind in RANKED and r.score is not None]
     if not ranked:
         raise ValueError(
@@ -92,6 +95,7 @@ def soup(
     dirpath: str | os.PathLike[str],
     output: str | os.PathLike[str],
     top: int | None = None,
+    run: str | None = None,
     **storage_options: Any,
 ) -> list[Record]:
     """Average the weights of the run's kept checkpoints into ``output``; returns the members.
@@ -100,6 +104,7 @@ def soup(
         dirpath: The run's directory (a local path or an fsspec URL).
         output: The file to write, in the run's format (``.weights.h5`` for Keras weights).
         top: Average only the ``top`` best; all checkpoints kept for their score by default.
+        run: The run's name, when the directory holds several.
         storage_options: Passed to fsspec for remote URLs.
 
     Raises:
@@ -107,7 +112,7 @@ def soup(
             differ), or a file is not a format soup reads.
         bestsave.ChecksumError: a checkpoint differs from its record.
     """
-    chosen = members(dirpath, top, **storage_options)
+    chosen = members(dirpath, top, run, **storage_options)
     target = os.path.abspath(os.fspath(output))
     if any(os.path.abspath(r.path) == target for r in chosen):
         raise ValueError(

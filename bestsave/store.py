@@ -328,7 +328,8 @@ def tmp_name(name: str) -> str:
 
 
 class Store(Protocol):
-    """The operations the saver needs from a directory. Names are relative to it."""
+    """The operations the saver needs from a directory. Names are relative to it and may name
+    a file in a folder below it (``.bestsave/run/bestsave.json``); folders are made as needed."""
 
     url: str
     is_local: bool
@@ -347,8 +348,11 @@ class Store(Protocol):
         """Remove ``name``; a missing file is not an error."""
 
     def exists(self, name: str) -> bool: ...
-    def names(self) -> list[str]:
-        """The file names in the directory (an absent directory has none)."""
+    def names(self, folder: str = "") -> list[str]:
+        """The file names in the directory, or in a folder below it (an absent one has none)."""
+
+    def folders(self, folder: str = "") -> list[str]:
+        """The names of the folders in the directory, or in a folder below it."""
 
     def read_text(self, name: str) -> str | None:
         """The file's text, or None when it does not exist."""
@@ -369,8 +373,8 @@ class Store(Protocol):
     def local_file(self, name: str) -> str:
         """A local path holding the file's bytes, for loading."""
 
-    def sync(self) -> None:
-        """Make renames and deletions durable."""
+    def sync(self, folder: str = "") -> None:
+        """Make renames and deletions in the directory (or a folder below it) durable."""
 
 
 def open_store(url: str | os.PathLike[str], **storage_options: Any) -> Store:
@@ -408,22 +412,30 @@ class LocalStore:
 
     def __init__(self, path: str) -> None:
         self.url = os.path.abspath(os.path.expanduser(path))
-        self._made = False
+        self._made: set[str] = set()
 
     def _path(self, name: str) -> str:
         return os.path.join(self.url, name)
 
-    def _ensure_dir(self) -> None:
-        if not self._made:
-            os.makedirs(self.url, exist_ok=True)
-            self._made = True
+    def _ensure_dir(self, name: str) -> None:
+        """Make the folder that will hold ``name``."""
+        folder = os.path.dirname(self._path(name))
+        if folder not in self._made:
+            if os.path.isfile(folder):
+                raise NotADirectoryError(
+                    f"{folder} is a file, so it cannot hold checkpoints; pass a directory path "
+                    "(a new one is created) or move the file away"
+                )
+            os.makedirs(folder, exist_ok=True)
+            self._made.add(folder)
 
     def scratch(self, name: str) -> str:
-        self._ensure_dir()
+        self._ensure_dir(name)
         return self._path(name)
 
     def publish(self, local: str, name: str) -> None:
         if os.path.abspath(local) != self._path(name):
+            self._ensure_dir(name)
             os.replace(local, self._path(name))
         fsync_file(self._path(name))
 
@@ -447,30 +459,38 @@ class LocalStore:
     def exists(self, name: str) -> bool:
         return os.path.exists(self._path(name))
 
-    def names(self) -> list[str]:
+    def _entries(self, folder: str) -> list[os.DirEntry[str]]:
         try:
-            return sorted(e.name for e in os.scandir(self.url) if not e.is_dir())
-        except FileNotFoundError:
+            return list(os.scandir(self._path(folder)))
+        except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def names(self, folder: str = "") -> list[str]:
+        return sorted(e.name for e in self._entries(folder) if not e.is_dir())
+
+    def folders(self, folder: str = "") -> list[str]:
+        return sorted(e.name for e in self._entries(folder) if e.is_dir())
 
     def read_text(self, name: str) -> str | None:
         try:
             return Path(self._path(name)).read_text(encoding="utf-8")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def write_text(self, name: str, text: str) -> None:
-        self._ensure_dir()
-        tmp = self._path(tmp_name(name))
+        self._ensure_dir(name)
+        target = self._path(name)
+        folder, base = os.path.split(target)
+        tmp = os.path.join(folder, tmp_name(base))
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self._path(name))
-        _fsync_dir(self.url)
+        os.replace(tmp, target)
+        _fsync_dir(folder)
 
     def create_exclusive(self, name: str, text: str) -> bool:
-        self._ensure_dir()
+        self._ensure_dir(name)
         try:
             fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
@@ -480,7 +500,7 @@ class LocalStore:
         return True
 
     def append_text(self, name: str, text: str) -> int:
-        self._ensure_dir()
+        self._ensure_dir(name)
         with open(self._path(name), "a", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -497,9 +517,8 @@ class LocalStore:
     def local_file(self, name: str) -> str:
         return self._path(name)
 
-    def sync(self) -> None:
-        """Make renames and deletions in the directory durable."""
-        _fsync_dir(self.url)
+    def sync(self, folder: str = "") -> None:
+        _fsync_dir(self._path(folder))
 
 
 class FsspecStore:
@@ -522,7 +541,7 @@ class FsspecStore:
         return f"{self._root}/{name}"
 
     def scratch(self, name: str) -> str:
-        return os.path.join(self._scratch_dir, tmp_name(name))
+        return os.path.join(self._scratch_dir, tmp_name(name.rsplit("/", 1)[-1]))
 
     def publish(self, local: str, name: str) -> None:
         try:
@@ -550,15 +569,22 @@ class FsspecStore:
     def exists(self, name: str) -> bool:
         return bool(self.fs.exists(self._fresh(name)))
 
-    def names(self) -> list[str]:
-        self.fs.invalidate_cache(self._root)
+    def _entries(self, folder: str, kind: str) -> list[str]:
+        root = self._path(folder).rstrip("/")
+        self.fs.invalidate_cache(root)
         try:
-            entries = self.fs.ls(self._root, detail=True)
+            entries = self.fs.ls(root, detail=True)
         except FileNotFoundError:
             return []
         return sorted(
-            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "file"
+            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == kind
         )
+
+    def names(self, folder: str = "") -> list[str]:
+        return self._entries(folder, "file")
+
+    def folders(self, folder: str = "") -> list[str]:
+        return self._entries(folder, "directory")
 
     def read_text(self, name: str) -> str | None:
         try:
@@ -591,9 +617,9 @@ class FsspecStore:
         return file_digest(self.local_file(name))
 
     def local_file(self, name: str) -> str:
-        local = os.path.join(self._scratch_dir, "cache-" + name)
+        local = os.path.join(self._scratch_dir, "cache-" + name.replace("/", "-"))
         self.fs.get_file(self._fresh(name), local)
         return local
 
-    def sync(self) -> None:
+    def sync(self, folder: str = "") -> None:
         """Object stores are durable once a write returns."""

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
+from bestsave.messages import warn
 from bestsave.record import Record
-
-
-class BestSaveWarning(UserWarning):
-    """A problem that bestsave works around, told once per run."""
 
 
 @runtime_checkable
@@ -39,9 +35,7 @@ def notify(trackers: Iterable[Any], method: str, *args: Any) -> None:
         try:
             getattr(tracker, method)(*args)
         except Exception as e:
-            warnings.warn(
+            warn(
                 f"tracker {type(tracker).__name__}.{method} failed ({type(e).__name__}: {e}); "
-                "the checkpoint on disk is unaffected",
-                BestSaveWarning,
-                stacklevel=3,
+                "the checkpoint on disk is unaffected"
             )

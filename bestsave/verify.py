@@ -35,8 +35,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from bestsave.manifest import Manifest, read_manifest
-from bestsave.naming import HISTORY, LOCK, MANIFEST, sidecar_name
+from bestsave.layout import runs_in
+from bestsave.manifest import Manifest, find_run, read_manifest
 from bestsave.record import Record, join
 from bestsave.store import TMP_PREFIX, Store, open_store
 
@@ -113,12 +113,17 @@ class Inconsistent(Problem):
 
 
 def verify(
-    dirpath: str | os.PathLike[str], *, checksums: bool = True, **storage_options: Any
+    dirpath: str | os.PathLike[str],
+    run: str | None = None,
+    *,
+    checksums: bool = True,
+    **storage_options: Any,
 ) -> list[Problem]:
     """The problems of the run in ``dirpath`` (a local path or an fsspec URL); [] when intact.
 
     Args:
         dirpath: The directory given to the saver.
+        run: The run's name, when the directory holds several.
         checksums: Hash every checkpoint and compare it with its record's sha256. False compares
             sizes only, which is quick on large checkpoints and remote storage.
         storage_options: Passed to fsspec for remote URLs.
@@ -128,17 +133,27 @@ def verify(
         ValueError: the manifest is not readable.
     """
     store = open_store(os.fspath(dirpath), **storage_options)
-    manifest = _manifest(store)
-    extension = str(manifest.policy.get("extension", ""))
-    present = set(store.names())
-    expected = {MANIFEST, HISTORY, LOCK}
+    manifest = _manifest(store, run)
+    files = manifest.files
+    extension = files.extension
+    folder = files.folder
+    present = set(store.names()) | {f"{folder}/{n}" for n in store.names(folder)}
+    expected = {files.manifest, files.history, files.lock}
+    # Files other runs in the directory keep are theirs, not extra.
+    for other in runs_in(store):
+        if other != manifest.name:
+            theirs = read_manifest(store, other)
+            if theirs is not None:
+                expected |= {r.name for r in theirs.kept} | (
+                    {theirs.last.name} if theirs.last else set()
+                )
     problems: list[Problem] = []
 
     records = [*manifest.kept, *([manifest.last] if manifest.last else [])]
     for record in records:
         expected.add(record.name)
         if record.kind != "last":  # ``last`` has no sidecar: the manifest holds its record
-            side = sidecar_name(record.name, extension)
+            side = files.sidecar(record.name)
             expected.add(side)
             problems += _check_sidecar(store, record, side, side in present)
         location = record.name
@@ -177,9 +192,9 @@ def verify(
                 )
             )
     unlisted = sorted(present - expected)
-    orphans = _orphan_sidecars(store, [n for n in unlisted if n.endswith(".json")])
+    orphans = _orphan_sidecars(store, [n for n in unlisted if n.startswith(f"{folder}/")])
     for name in unlisted:
-        if name.startswith(TMP_PREFIX):
+        if name.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
             problems.append(
                 Leftover(
                     name,
@@ -191,8 +206,7 @@ def verify(
             problems.append(
                 Extra(
                     name,
-                    "a sidecar record of a checkpoint the manifest does not "
-                    "list; delete it or move it out of the run",
+                    "a record of a checkpoint the manifest does not list; delete it",
                 )
             )
         elif name in orphans or _looks_like_checkpoint(name, extension):
@@ -200,13 +214,13 @@ def verify(
                 Extra(
                     name,
                     "a checkpoint the manifest does not list (bestsave "
-                    "never loads it); delete it or move it out of the run",
+                    "never loads it); delete it or move it out of the directory",
                 )
             )
     if manifest.best_name is not None and manifest.best is None:
         problems.append(
             Inconsistent(
-                MANIFEST,
+                files.manifest,
                 f"its best, {manifest.best_name}, is not among "
                 "its kept checkpoints; the manifest was edited",
             )
@@ -215,7 +229,9 @@ def verify(
     return problems
 
 
-def load_history(dirpath: str | os.PathLike[str], **storage_options: Any) -> list[dict[str, Any]]:
+def load_history(
+    dirpath: str | os.PathLike[str], run: str | None = None, **storage_options: Any
+) -> list[dict[str, Any]]:
     """The evaluations of the run in ``dirpath``, oldest first, as ``history.jsonl`` holds them.
 
     Each is a dict with ``epoch``, ``step``, ``time``, ``elapsed_s``, ``score``, ``metrics`` and
@@ -227,11 +243,11 @@ def load_history(dirpath: str | os.PathLike[str], **storage_options: Any) -> lis
         ValueError: a committed line is not JSON.
     """
     store = open_store(os.fspath(dirpath), **storage_options)
-    manifest = _manifest(store)
+    manifest = _manifest(store, run)
     lines, errors, _ = _read_history(store, manifest)
     if errors:
         raise ValueError(
-            f"{join(store.url, HISTORY)} is damaged ({errors[0]}); "
+            f"{join(store.url, manifest.files.history)} is damaged ({errors[0]}); "
             f"run 'bestsave verify {store.url}' for details"
         )
     return lines
@@ -240,13 +256,9 @@ def load_history(dirpath: str | os.PathLike[str], **storage_options: Any) -> lis
 # -- the checks ------------------------------------------------------------------------------
 
 
-def _manifest(store: Store) -> Manifest:
-    manifest = read_manifest(store)
-    if manifest is None:
-        raise FileNotFoundError(
-            f"no bestsave run in {store.url}: it has no {MANIFEST}. "
-            "Pass the directory given to the saver (dirpath)."
-        )
+def _manifest(store: Store, run: str | None) -> Manifest:
+    manifest = read_manifest(store, find_run(store, run))
+    assert manifest is not None, "find_run names a run with a manifest"
     return manifest
 
 
@@ -340,7 +352,7 @@ def _orphan_sidecars(store: Store, json_names: list[str]) -> dict[str, str]:
 
 
 def _looks_like_checkpoint(name: str, extension: str) -> bool:
-    return bool(extension and name.endswith(extension)) or name.split(".", 1)[0] == "last"
+    return "/" not in name and bool(extension and name.endswith(extension))
 
 
 def _read_history(
@@ -348,7 +360,8 @@ def _read_history(
 ) -> tuple[list[dict[str, Any]], list[str], list[Problem]]:
     """Committed history lines, parse errors, and problems with the file as a whole (an absent
     history is one)."""
-    text = store.read_text(HISTORY)
+    history = manifest.files.history
+    text = store.read_text(history)
     evaluations = manifest.state.get("evaluations")
     if text is None:
         if evaluations:
@@ -357,7 +370,7 @@ def _read_history(
                 [],
                 [
                     Missing(
-                        HISTORY,
+                        history,
                         f"the manifest counts {evaluations} evaluations but "
                         "the history is absent; the kept checkpoints are unaffected",
                     )
@@ -371,7 +384,7 @@ def _read_history(
         if len(data) > committed:
             problems.append(
                 Leftover(
-                    HISTORY,
+                    history,
                     f"{len(data) - committed} bytes past the last "
                     "committed evaluation (a crash); resume the run "
                     "(resume=True) to drop them",
@@ -381,7 +394,7 @@ def _read_history(
         else:
             problems.append(
                 Inconsistent(
-                    HISTORY,
+                    history,
                     f"{len(data)} bytes where the manifest "
                     f"committed {committed}: it was truncated or edited",
                 )
@@ -402,14 +415,15 @@ def _read_history(
 
 def _check_history(store: Store, manifest: Manifest) -> list[Problem]:
     lines, errors, problems = _read_history(store, manifest)
-    problems += [Inconsistent(HISTORY, f"{e}; restore the file or delete the line") for e in errors]
+    history = manifest.files.history
+    problems += [Inconsistent(history, f"{e}; restore the file or delete the line") for e in errors]
     if any(not isinstance(p, Leftover) for p in problems):
         return problems  # replaying a damaged history would only repeat the same problem
     evaluations = manifest.state.get("evaluations")
     if isinstance(evaluations, int) and len(lines) != evaluations:
         problems.append(
             Inconsistent(
-                HISTORY,
+                history,
                 f"{len(lines)} evaluations where the manifest "
                 f"counts {evaluations}: it was truncated or edited",
             )

@@ -6,6 +6,7 @@ import threading
 import warnings
 
 import pytest
+from runfiles import checkpoints, run_folder
 
 from bestsave import BestSaver, BestSaveWarning, Staged, WriteError, load_best, load_manifest
 from bestsave.commit import Captured
@@ -54,7 +55,7 @@ def test_a_failed_background_write_raises_at_the_next_step_and_keeps_the_best(tm
     assert isinstance(caught.value.__cause__, OSError)
     assert saver.best.epoch == 0 and load_best(tmp_path).epoch == 0
     assert open(load_best(tmp_path).path).read() == "e0"
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".bestsave-tmp-")]
+    assert not [f for f in os.listdir(run_folder(tmp_path)) if f.startswith(".bestsave-tmp-")]
 
 
 def test_a_failed_background_write_raises_at_close(tmp_path):
@@ -107,11 +108,13 @@ def test_a_newer_best_replaces_a_pending_one_that_has_not_started(tmp_path):
     # e1's snapshot was freed before e2's was taken
     assert Snapshot.peak == 2 and Snapshot.live == 0
     assert [r.epoch for r in load_manifest(tmp_path).kept] == [2]
-    history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    history = [
+        json.loads(x) for x in (run_folder(tmp_path) / "history.jsonl").read_text().splitlines()
+    ]
     assert [h["epoch"] for h in history] == [0, 1, 2]
-    assert sorted(os.listdir(tmp_path)) == [
+    assert checkpoints(tmp_path) == {"epoch=002-val_acc=0.7000"}
+    assert sorted(os.listdir(run_folder(tmp_path))) == [
         "bestsave.json",
-        "epoch=002-val_acc=0.7000",
         "epoch=002-val_acc=0.7000.json",
         "history.jsonl",
     ]
@@ -161,7 +164,9 @@ def test_at_flush_a_write_the_pending_one_would_delete_is_abandoned(tmp_path, mo
     flushing.join(10)
     assert not flushing.is_alive()
     kept = [r.epoch for r in load_manifest(tmp_path).kept]
-    history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    history = [
+        json.loads(x) for x in (run_folder(tmp_path) / "history.jsonl").read_text().splitlines()
+    ]
     assert [h["epoch"] for h in history] == [0, 1]
     assert load_best(tmp_path).path.endswith("epoch=001-val_acc=0.6000")
     assert open(load_best(tmp_path).path).read() == "".join(f"e1:{i};" for i in range(5))
@@ -169,7 +174,8 @@ def test_at_flush_a_write_the_pending_one_would_delete_is_abandoned(tmp_path, mo
         assert kept == [1]
         assert len(first_written) == 1  # stopped at its next block
         assert history[1]["decision"]["evicted"] == ["epoch=000-val_acc=0.5000"]
-        assert not [n for n in os.listdir(tmp_path) if "epoch=000" in n or "tmp" in n]
+        leftovers = [*os.listdir(tmp_path), *os.listdir(run_folder(tmp_path))]
+        assert not [n for n in leftovers if "epoch=000" in n or "tmp" in n]
     else:
         assert sorted(kept) == [0, 1] and len(first_written) == 5
 
@@ -228,11 +234,13 @@ def test_sync_and_background_write_the_same_files(tmp_path):
         for epoch, score in enumerate([0.3, 0.5, 0.4, 0.6]):
             saver.step(epoch, {"val_acc": score}, write=staged(f"e{epoch}"))
         saver.close()
-    a, b = (sorted(os.listdir(tmp_path / m)) for m in ("True", "False"))
+    a, b = (sorted(checkpoints(tmp_path / m)) for m in ("True", "False"))
     assert a == b
+    assert sorted(os.listdir(run_folder(tmp_path / "True"))) == sorted(
+        os.listdir(run_folder(tmp_path / "False"))
+    )
     for name in a:
-        if not name.endswith((".json", ".jsonl")):
-            assert (tmp_path / "True" / name).read_text() == (tmp_path / "False" / name).read_text()
+        assert (tmp_path / "True" / name).read_text() == (tmp_path / "False" / name).read_text()
 
 
 def test_a_failed_capture_after_replacing_a_pending_write_loses_only_that_write(tmp_path):
@@ -262,11 +270,13 @@ def test_a_failed_capture_after_replacing_a_pending_write_loses_only_that_write(
     manifest = load_manifest(tmp_path)
     assert [r.epoch for r in manifest.kept] == [3]
     assert open(load_best(tmp_path).path).read() == "e3"
-    history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    history = [
+        json.loads(x) for x in (run_folder(tmp_path) / "history.jsonl").read_text().splitlines()
+    ]
     assert [h["epoch"] for h in history] == [0, 1, 3]
     assert history[1]["decision"]["saved"] is False
     assert Snapshot.live == 0
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".bestsave-tmp-")]
+    assert not [f for f in os.listdir(run_folder(tmp_path)) if f.startswith(".bestsave-tmp-")]
 
 
 @pytest.mark.parametrize("async_write", [True, False], ids=["background", "sync"])

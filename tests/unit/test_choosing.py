@@ -5,6 +5,7 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from runfiles import run_folder
 
 from bestsave import BestSaver, BestSaveWarning, load_manifest
 from bestsave.monitor import Monitor
@@ -153,7 +154,7 @@ def test_records_and_history_keep_raw_and_smoothed_scores(tmp_path):
     best = saver.best  # smoothed: 0.5, 0.7, 0.75 -- the spike at 0.9 is not the best
     assert (best.epoch, best.raw_score) == (2, 0.6) and best.score == pytest.approx(0.75)
     assert load_manifest(tmp_path).policy["smooth"] == 2
-    lines = (tmp_path / "history.jsonl").read_text().splitlines()
+    lines = (run_folder(tmp_path) / "history.jsonl").read_text().splitlines()
     assert '"raw_score": 0.6' in lines[2] and '"score": 0.75' in lines[2]
 
 
@@ -202,7 +203,7 @@ def test_fixed_file_name_holds_the_latest_best(tmp_path):
     saver.close()
     assert (tmp_path / "best.keras").read_text() == "2"
     assert load_manifest(tmp_path).best.name == "best.keras"
-    assert (tmp_path / "best.json").exists()
+    assert (tmp_path / ".bestsave/best/best.json").exists()
 
 
 def test_extra_template_fields(tmp_path):

@@ -5,6 +5,7 @@ import os
 import warnings
 
 import pytest
+from runfiles import checkpoints, run_folder
 
 from bestsave import (
     BestSaver,
@@ -40,8 +41,11 @@ def drive(saver, scores, monitor="val_acc", start=0, **extra):
 
 
 def files(d):
-    # The lock is there while a saver of this process holds the directory.
-    return sorted(f for f in os.listdir(d) if f != "bestsave.lock")
+    """The checkpoints in ``d``, and the run's own files (the lock is there while a saver of
+    this process holds the run)."""
+    folder = run_folder(d)
+    own = [f".bestsave/{folder.name}/{f}" for f in os.listdir(folder) if f != "lock"]
+    return sorted([*checkpoints(d), *own])
 
 
 def test_keeps_best_with_sidecar_manifest_and_history(tmp_path):
@@ -49,11 +53,12 @@ def test_keeps_best_with_sidecar_manifest_and_history(tmp_path):
     decisions = drive(saver, [0.5, 0.7, 0.6])
     assert [d.is_best for d in decisions] == [True, True, False]
     assert decisions[1].evicted[0].epoch == 0
+    run = ".bestsave/epoch=epoch-val_acc=score"
     assert files(tmp_path) == [
-        "bestsave.json",
-        "epoch=001-val_acc=0.7000.json",
+        f"{run}/bestsave.json",
+        f"{run}/epoch=001-val_acc=0.7000.json",
+        f"{run}/history.jsonl",
         "epoch=001-val_acc=0.7000.pt",
-        "history.jsonl",
     ]
     best = load_best(tmp_path)
     assert best.epoch == 1 and best.step == 10 and best.score == 0.7
@@ -62,9 +67,11 @@ def test_keeps_best_with_sidecar_manifest_and_history(tmp_path):
     assert best.bytes == 7 and len(best.sha256) == 64
     assert best.time.endswith("+00:00") and best.elapsed_s >= 0
     assert best.run["host"] and best.run["versions"]["python"]
-    sidecar = json.loads((tmp_path / "epoch=001-val_acc=0.7000.json").read_text())
+    sidecar = json.loads((tmp_path / run / "epoch=001-val_acc=0.7000.json").read_text())
     assert sidecar["path"] == "epoch=001-val_acc=0.7000.pt" and sidecar["epoch"] == 1
-    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    history = [
+        json.loads(line) for line in (tmp_path / run / "history.jsonl").read_text().splitlines()
+    ]
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert history[1]["decision"] == {
         "saved": True,
@@ -84,7 +91,8 @@ def test_top_k_kept_best_first_and_saver_best(tmp_path):
     assert [r.epoch for r in saver.kept] == [4, 1, 3]
     assert saver.best.epoch == 4
     assert [r.kind for r in saver.kept] == ["best", "best", "top_k"]
-    assert len([f for f in files(tmp_path) if f.startswith("epoch")]) == 6  # 3 files + 3 sidecars
+    assert len(checkpoints(tmp_path)) == 3
+    assert len([f for f in os.listdir(run_folder(tmp_path)) if f.startswith("epoch")]) == 3
 
 
 def test_invalid_scores_warn_once_and_are_never_kept(tmp_path):
@@ -94,7 +102,7 @@ def test_invalid_scores_warn_once_and_are_never_kept(tmp_path):
     messages = [str(w.message) for w in caught]
     assert len(messages) == 3  # nan, not a number, inf: once each
     assert sorted(r.epoch for r in saver.kept) == [1, 6]
-    history = (tmp_path / "history.jsonl").read_text()
+    history = (run_folder(tmp_path) / "history.jsonl").read_text()
     assert "NaN" not in history  # the files stay strict JSON
 
 
@@ -123,7 +131,7 @@ def test_template_with_any_metric_and_slashes_is_sanitised(tmp_path):
     saver2 = BestSaver(tmp_path / "b", monitor="val/loss")
     saver2.step(0, {"val/loss": 0.5}, write=writer("x"))
     assert saver2.best.name == "epoch=000-val_loss=0.5000"
-    assert not any(p.is_dir() for p in (tmp_path / "b").iterdir())
+    assert [p.name for p in (tmp_path / "b").iterdir() if p.is_dir()] == [".bestsave"]
 
 
 def test_template_errors(tmp_path):
@@ -200,7 +208,8 @@ def test_top_k_zero_writes_history_only(tmp_path):
     saver = BestSaver(tmp_path, monitor="val_acc", top_k=0)
     decisions = drive(saver, [0.5, 0.7])
     assert decisions[1].is_best and not decisions[1].saved and saver.best is None
-    assert files(tmp_path) == ["bestsave.json", "history.jsonl"]
+    run = ".bestsave/epoch=epoch-val_acc=score"
+    assert files(tmp_path) == [f"{run}/bestsave.json", f"{run}/history.jsonl"]
 
 
 def test_patience_sets_should_stop(tmp_path):
@@ -218,10 +227,35 @@ def test_another_runs_directory_is_refused_then_resumed_or_overwritten(tmp_path)
         RunExistsError, match=r"epoch=001-val_acc=0.9000.*resume=True.*overwrite=True"
     ):
         BestSaver(tmp_path, monitor="val_acc")
-    fresh = BestSaver(tmp_path, monitor="val_acc", overwrite=True)
-    assert files(tmp_path) == ["notes.txt"]  # only the other run's files were deleted
-    drive(fresh, [0.1])
-    assert fresh.best.score == 0.1
+    with pytest.warns(BestSaveWarning, match=r"stays whole until this one keeps its first"):
+        fresh = BestSaver(tmp_path, monitor="val_acc", overwrite=True)
+    # Nothing of the earlier run goes before the new run has kept a file.
+    fresh.step(0, {"val_acc": float("nan")}, write=writer("nan"))
+    fresh.flush()
+    assert checkpoints(tmp_path) == {"notes.txt", "epoch=001-val_acc=0.9000"}
+    assert load_best(tmp_path).score == 0.9
+    drive(fresh, [0.1], start=1)
+    assert fresh.best.score == 0.1 and load_best(tmp_path).score == 0.1
+    # Then only the earlier run's own files were deleted.
+    assert checkpoints(tmp_path) == {"notes.txt", "epoch=001-val_acc=0.1000"}
+    assert [json.loads(x)["epoch"] for x in (run_folder(tmp_path) / "history.jsonl").open()] == [
+        0,
+        1,
+    ]
+
+
+def test_a_run_that_kept_nothing_for_its_score_is_replaced_without_overwrite(tmp_path):
+    # A typo in the monitor stops the first step; the exception checkpoint is no best.
+    typo = BestSaver(tmp_path, monitor="val_los", mode="min", filename="{epoch}")
+    with pytest.raises(MissingMetricError):
+        typo.step(0, {"val_loss": 0.5}, write=writer("x"))
+    typo.save_exception(0, writer("state at the error"))
+    typo.close()
+    with pytest.warns(BestSaveWarning, match=r"kept no checkpoint for its score"):
+        fixed = BestSaver(tmp_path, monitor="val_loss", filename="{epoch}", resume=True)
+    drive(fixed, [0.7], monitor="val_loss")
+    assert load_best(tmp_path).score == 0.7
+    assert checkpoints(tmp_path) == {"0"}
 
 
 def test_resume_restores_best_kept_and_patience(tmp_path):
@@ -234,7 +268,7 @@ def test_resume_restores_best_kept_and_patience(tmp_path):
     assert not d.saved and d.should_stop
     assert load_best(tmp_path).epoch == 1
     assert resumed.run["id"] == first.run["id"] and resumed.run["resumes"] == 1
-    history = (tmp_path / "history.jsonl").read_text().splitlines()
+    history = (run_folder(tmp_path) / "history.jsonl").read_text().splitlines()
     assert len(history) == 5
 
 
@@ -246,32 +280,34 @@ def test_resume_on_missing_or_empty_directory_starts_a_new_run(tmp_path):
 
 
 def test_resume_with_another_monitor_is_refused(tmp_path):
-    drive(BestSaver(tmp_path, monitor="val_acc"), [0.5])
-    with pytest.raises(ValueError, match=r"monitors \{'val_acc': 'max'\}"):
-        BestSaver(tmp_path, monitor="val_loss", resume=True)
+    drive(BestSaver(tmp_path, monitor="val_acc", name="run"), [0.5])
+    with pytest.raises(RunExistsError, match=r"monitors \{'val_acc': 'max'\}.*overwrite=True"):
+        BestSaver(tmp_path, monitor="val_loss", resume=True, name="run")
 
 
 def test_crash_leftovers_are_cleaned_and_committed_renames_rolled_forward(tmp_path):
     saver = BestSaver(tmp_path, monitor="val_acc", save_last=True)
     drive(saver, [0.5])
     # A crash after the manifest committed epoch 1 but before its files were renamed:
-    pending_tmp = f"{TMP_PREFIX}abcd-epoch=001-val_acc=0.9000"
+    run = run_folder(tmp_path)
+    pending_tmp = f".bestsave/{run.name}/{TMP_PREFIX}abcd-epoch=001-val_acc=0.9000"
     (tmp_path / pending_tmp).write_text("epoch 1")
-    manifest = json.loads((tmp_path / "bestsave.json").read_text())
+    manifest = json.loads((run / "bestsave.json").read_text())
     record = dict(manifest["kept"][0], path="epoch=001-val_acc=0.9000", epoch=1, score=0.9, id=1)
     manifest["kept"] = [record]
     manifest["best"] = record["path"]
     manifest["pending"] = {record["path"]: pending_tmp}
-    manifest["evicting"] = ["epoch=000-val_acc=0.5000", "epoch=000-val_acc=0.5000.json"]
-    (tmp_path / "bestsave.json").write_text(json.dumps(manifest))
-    (tmp_path / f"{TMP_PREFIX}dead-orphan").write_text("half a file")
+    side = f".bestsave/{run.name}/epoch=000-val_acc=0.5000.json"
+    manifest["evicting"] = ["epoch=000-val_acc=0.5000", side]
+    (run / "bestsave.json").write_text(json.dumps(manifest))
+    (run / f"{TMP_PREFIX}dead-orphan").write_text("half a file")
     assert load_best(tmp_path).path.endswith(pending_tmp)  # readable before recovery
     BestSaver(tmp_path, monitor="val_acc", save_last=True, resume=True)
     assert files(tmp_path) == [
-        "bestsave.json",
+        f".bestsave/{run.name}/bestsave.json",
+        f".bestsave/{run.name}/epoch=001-val_acc=0.9000.json",
+        f".bestsave/{run.name}/history.jsonl",
         "epoch=001-val_acc=0.9000",
-        "epoch=001-val_acc=0.9000.json",
-        "history.jsonl",
         "last",
     ]
     assert open(load_best(tmp_path).path).read() == "epoch 1"
@@ -280,10 +316,11 @@ def test_crash_leftovers_are_cleaned_and_committed_renames_rolled_forward(tmp_pa
 def test_history_is_truncated_to_the_committed_evaluations(tmp_path):
     saver = BestSaver(tmp_path, monitor="val_acc")
     drive(saver, [0.5, 0.6])
-    with open(tmp_path / "history.jsonl", "a") as f:
+    history = run_folder(tmp_path) / "history.jsonl"
+    with open(history, "a") as f:
         f.write('{"epoch": 2, "uncommitted": true}\n')
     BestSaver(tmp_path, monitor="val_acc", resume=True)
-    assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 2
+    assert len(history.read_text().splitlines()) == 2
 
 
 def test_failed_write_leaves_previous_best_and_no_temp(tmp_path):

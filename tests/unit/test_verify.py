@@ -52,6 +52,14 @@ def best_file(run: Path) -> Path:
     return Path(load_manifest(run).best.path)  # type: ignore[union-attr]
 
 
+FOLDER = ".bestsave/epoch=epoch-val_acc=score"
+"""The run's own files, relative to its directory."""
+
+
+def sidecar(run: Path, checkpoint: Path) -> Path:
+    return run / FOLDER / (checkpoint.stem + ".json")
+
+
 def test_an_intact_run_has_no_problem(run: Path) -> None:
     assert verify(run) == []
     assert verify(str(run), checksums=False) == []
@@ -85,12 +93,15 @@ def test_a_missing_checkpoint_and_a_missing_sidecar(run: Path) -> None:
     best.unlink()
     assert kinds(verify(run)) == [("missing", best.name)]
     assert isinstance(verify(run)[0], Missing)
-    best.with_suffix(".json").unlink()
-    assert kinds(verify(run)) == [("missing", best.stem + ".json"), ("missing", best.name)]
+    sidecar(run, best).unlink()
+    assert kinds(verify(run)) == [
+        ("missing", f"{FOLDER}/{best.stem}.json"),
+        ("missing", best.name),
+    ]
 
 
 def test_files_that_look_like_the_runs_but_are_not_listed_are_extra(run: Path) -> None:
-    evicting = json.loads((run / "bestsave.json").read_text())["evicting"]
+    evicting = json.loads((run / FOLDER / "bestsave.json").read_text())["evicting"]
     evicted = next(  # an evicted checkpoint put back (not one the manifest is still deleting)
         name
         for line in load_history(run)
@@ -98,36 +109,36 @@ def test_files_that_look_like_the_runs_but_are_not_listed_are_extra(run: Path) -
         if name not in evicting
     )
     (run / evicted).write_text("weights of epoch 1")
-    side = json.loads(best_file(run).with_suffix(".json").read_text())
-    (run / "orphan.json").write_text(json.dumps({**side, "path": "orphan-ckpt"}))
-    (run / "orphan-ckpt").write_text("no extension, but a sidecar names it")
+    side = json.loads(sidecar(run, best_file(run)).read_text())
+    (run / FOLDER / "orphan.json").write_text(json.dumps({**side, "path": "orphan-ckpt"}))
+    (run / "orphan-ckpt").write_text("no extension, but a record names it")
     # Not the run's: other extensions, JSON that is no record.
     (run / "notes.txt").write_text("hello")
     (run / "config.json").write_text('{"lr": 0.1}')
     problems = verify(run)
     assert sorted(kinds(problems)) == [
+        ("extra", f"{FOLDER}/orphan.json"),
         ("extra", evicted),
         ("extra", "orphan-ckpt"),
-        ("extra", "orphan.json"),
     ]
     assert all(isinstance(p, Extra) for p in problems)
 
 
 def test_temporary_files_of_an_interrupted_write_are_leftovers(run: Path) -> None:
-    (run / f"{TMP_PREFIX}1234abcd-epoch=009.bin").write_text("half")
+    (run / FOLDER / f"{TMP_PREFIX}1234abcd-epoch=009.bin").write_text("half")
     [problem] = verify(run)
     assert isinstance(problem, Leftover)
-    assert problem.name.startswith(TMP_PREFIX)
+    assert problem.name.startswith(f"{FOLDER}/{TMP_PREFIX}")
 
 
 def test_a_file_committed_but_not_renamed_is_a_leftover_with_a_fix(run: Path) -> None:
     # Simulate a crash between the manifest commit and the rename: the newest kept file still
     # sits under the temporary name the manifest recorded for it.
-    manifest = json.loads((run / "bestsave.json").read_text())
+    manifest = json.loads((run / FOLDER / "bestsave.json").read_text())
     name = manifest["best"]
-    tmp = f"{TMP_PREFIX}0123abcd-{name}"
+    tmp = f"{FOLDER}/{TMP_PREFIX}0123abcd-{name}"
     manifest["pending"] = {name: tmp}
-    (run / "bestsave.json").write_text(json.dumps(manifest))
+    (run / FOLDER / "bestsave.json").write_text(json.dumps(manifest))
     os.replace(run / name, run / tmp)
     [problem] = verify(run)
     assert (problem.kind, problem.name) == ("leftover", tmp)
@@ -135,37 +146,37 @@ def test_a_file_committed_but_not_renamed_is_a_leftover_with_a_fix(run: Path) ->
 
 
 def test_an_evicted_file_not_yet_deleted_is_a_leftover(run: Path) -> None:
-    manifest = json.loads((run / "bestsave.json").read_text())
+    manifest = json.loads((run / FOLDER / "bestsave.json").read_text())
     manifest["evicting"] = ["epoch=099-gone.bin"]
-    (run / "bestsave.json").write_text(json.dumps(manifest))
+    (run / FOLDER / "bestsave.json").write_text(json.dumps(manifest))
     (run / "epoch=099-gone.bin").write_text("old")
     assert kinds(verify(run)) == [("leftover", "epoch=099-gone.bin")]
 
 
 def test_a_sidecar_that_disagrees_with_the_manifest(run: Path) -> None:
-    side = best_file(run).with_suffix(".json")
+    side = sidecar(run, best_file(run))
     data = json.loads(side.read_text())
     side.write_text(json.dumps({**data, "epoch": 42}))
     [problem] = verify(run)
     assert isinstance(problem, Inconsistent)
     assert "epoch" in problem.detail
     side.write_text("{not json")
-    assert kinds(verify(run)) == [("history", side.name)]
+    assert kinds(verify(run)) == [("history", f"{FOLDER}/{side.name}")]
 
 
 def test_history_past_the_commit_point_is_a_leftover_and_is_not_loaded(run: Path) -> None:
-    with open(run / "history.jsonl", "a") as f:
+    with open(run / FOLDER / "history.jsonl", "a") as f:
         f.write('{"epoch": 6, "sco')  # a crash in the middle of an append
-    assert kinds(verify(run)) == [("leftover", "history.jsonl")]
+    assert kinds(verify(run)) == [("leftover", f"{FOLDER}/history.jsonl")]
     assert len(load_history(run)) == len(SCORES)
 
 
 def test_a_truncated_or_damaged_history_is_inconsistent(run: Path) -> None:
-    history = run / "history.jsonl"
+    history = run / FOLDER / "history.jsonl"
     lines = history.read_text().splitlines(keepends=True)
     history.write_text("".join(lines[:-1]))
     [problem] = verify(run)
-    assert (problem.kind, problem.name) == ("history", "history.jsonl")
+    assert (problem.kind, problem.name) == ("history", f"{FOLDER}/history.jsonl")
     history.write_text("".join(lines[:2]) + "x" * len(lines[2]) + "".join(lines[3:]))
     assert any("line 3" in p.detail for p in verify(run))
     with pytest.raises(ValueError, match="line 3"):
@@ -174,16 +185,16 @@ def test_a_truncated_or_damaged_history_is_inconsistent(run: Path) -> None:
 
 def test_history_and_manifest_that_disagree_on_what_is_kept(run: Path) -> None:
     # Rewrite history so that it never evicted epoch 0's file: it should still be kept.
-    history = run / "history.jsonl"
+    history = run / FOLDER / "history.jsonl"
     entries = [json.loads(line) for line in history.read_text().splitlines()]
     first = entries[0]["decision"]["files"][0]
     for entry in entries:
         entry["decision"]["evicted"] = [n for n in entry["decision"]["evicted"] if n != first]
     text = "".join(json.dumps(e) + "\n" for e in entries)
     history.write_text(text)
-    manifest = json.loads((run / "bestsave.json").read_text())
+    manifest = json.loads((run / FOLDER / "bestsave.json").read_text())
     manifest["state"]["history_bytes"] = len(text.encode())
-    (run / "bestsave.json").write_text(json.dumps(manifest))
+    (run / FOLDER / "bestsave.json").write_text(json.dumps(manifest))
     problems = verify(run)
     assert kinds(problems) == [("history", first)]
     assert "never evicted" in problems[0].detail
