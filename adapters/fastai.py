@@ -1,10 +1,13 @@
 """fastai: ``SaveBestModelCallback``, a drop-in superset of fastai's ``SaveModelCallback``.
 
-Swap the class and keep the arguments. Like fastai's callback it saves whenever the monitored
-value improves, prints "Better model found at epoch N with M value: V." and loads the best weights
-into the learner after ``fit``. In addition it can keep the k best epochs (``top_k``) or every
-epoch within ``delta`` of the best, stop training when the metric stalls (``patience``), and
-it records everything the Recorder held at each kept epoch beside the file.
+Swap the class and keep the arguments: the best model goes to ``models/model.pth``
+(``learn.path/learn.model_dir/fname + ".pth"``) in fastai's format, ``learn.load("model")``
+loads it, "Better model found at epoch N with M value: V." is printed at each improvement, and
+the best weights are in the learner after ``fit``; ``every_epoch`` writes ``model_0.pth``,
+``model_1.pth``, ... and ``at_end`` the final model as ``model.pth``. In addition it can keep
+the k best epochs (``top_k``) or every epoch within ``delta`` of the best, stop training when
+the metric stalls (``patience``), and it records everything the Recorder held at each kept
+epoch, in ``models/.bestsave/<run>/``.
 
 Example:
     >>> import tempfile, torch
@@ -16,13 +19,16 @@ Example:
     >>> data = list(zip(x, x.sum(1, keepdim=True)))
     >>> dls = DataLoaders.from_dsets(data[:48], data[48:], bs=16, device="cpu")
     >>> learn = Learner(dls, nn.Linear(3, 1), loss_func=nn.MSELoss(), path=tempfile.mkdtemp())
-    >>> save = SaveBestModelCallback(top_k=2)
+    >>> save = SaveBestModelCallback()
     >>> with learn.no_bar(), learn.no_logging():
     ...     learn.fit(3, lr=0.1, cbs=[save])  # doctest: +ELLIPSIS
     Better model found at epoch 0 with valid_loss value: ...
-    >>> best = save.best_record
-    >>> best.score == best.metrics["valid_loss"], sorted(best.metrics)[:3]
+    >>> sorted(p.name for p in (learn.path / "models").glob("*.pth"))
+    ['model.pth']
+    >>> best = save.best_record  # the best epoch's record: its file, score and every value
+    >>> best.path == str(learn.path / "models" / "model.pth"), sorted(best.metrics)[:3]
     (True, ['lr', 'mom', 'train_loss'])
+    >>> _ = learn.load("model")  # fastai's own load finds it
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ import numbers
 import operator
 import os
 import sys
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +51,8 @@ from fastai.torch_core import distrib_barrier, get_model, rank_distrib
 from fastcore.foundation import L
 
 from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged, fetch, load_manifest
-from bestsave.messages import BestSaveWarning
+from bestsave.messages import warn
 from bestsave.monitor import infer_mode
-from bestsave.naming import DEFAULT_TEMPLATE
 from bestsave.policy import Smooth
 from bestsave.saver import check_options
 from bestsave.staging import Snapshot, Stager
@@ -63,47 +67,60 @@ _HYPERS = ("lr", "mom", "wd")
 class SaveBestModelCallback(Callback):
     """Saves the best model while a fastai ``Learner`` trains, and loads it when training ends.
 
-    Files go to ``learn.path/learn.model_dir/fname/``: one ``.pth`` per kept epoch, in fastai's
-    format (the model's ``state_dict``, or ``{"model": ..., "opt": ...}`` with ``with_opt``), each
-    with a JSON record of its epoch beside it, and the manifest ``bestsave.json``. A kept file
-    loads with fastai's ``learn.load(f"{fname}/{Path(record.path).stem}")`` as well as with
-    :meth:`load_record`, which checks it against its record first.
+    Files go where fastai's ``SaveModelCallback`` puts them, ``learn.path/learn.model_dir``,
+    in fastai's format (the model's ``state_dict``, or ``{"model": ..., "opt": ...}`` with
+    ``with_opt``), so ``learn.load(fname)`` reads them:
 
-    The callback is named ``save_model`` (``learn.save_model``), the name fastai's
-    ``WandbCallback(log_model=True)`` looks for: it uploads this callback's best file instead of
-    adding a second saver, with the best epoch's record as the artifact's metadata.
+    - the best: ``models/model.pth`` (``fname + ".pth"``), replaced at each improvement;
+    - with several files to keep (``top_k`` > 1, ``delta``, several monitors,
+      ``keep_every_n_epochs``, or a best beside ``at_end``'s final model), each is named after
+      its epoch, as fastai's ``every_epoch`` names them: ``models/model_3.pth``;
+    - ``every_epoch=n``: ``models/model_0.pth``, ``model_n.pth``, ``model_2n.pth``, ...;
+    - ``at_end=True``: ``models/model.pth`` holds the final model.
+
+    Beside them, ``models/.bestsave/<run>/`` holds each kept file's record (its epoch and every
+    value the Recorder held), the run's manifest and its history. A run is named after its file
+    names (``model``; ``model_epoch`` for ``model_{epoch}.pth``), so callbacks with different
+    ``fname`` share ``models/``. A later fit over a run of the same name (a notebook cell run
+    again, a second training stage) starts afresh, as fastai overwrites its files: it warns,
+    and the earlier run's files stay until the new run has saved its first one.
+
+    The callback is named ``save_model``: ``learn.save_model`` while it is in the learner (for
+    good when it was passed to ``Learner(cbs=...)``), the name fastai's
+    ``WandbCallback(log_model=True)`` looks for: it uploads this callback's best file instead
+    of adding a second saver, with the best epoch's record as the artifact's metadata.
 
     Args:
         monitor: The Recorder value that decides: ``"valid_loss"``, ``"train_loss"`` or a
             metric's name (``"accuracy"``, ``"matthews_corrcoef"``). A list keeps a best (or
             top-k) for each; the message, ``comp`` and the weights loaded follow the first.
-        comp: ``np.less`` (lower is better) or ``np.greater``. When None it is inferred as fastai
-            does (``np.less`` for names holding "loss" or "error", ``np.greater`` otherwise),
-            except that names bestsave knows as errors (``rmse``, ``mae``, ``perplexity``...)
-            are minimised, where fastai would maximise them.
+        comp: ``np.less`` (lower is better) or ``np.greater``. When None, bestsave's table of
+            metric names decides (``rmse``, ``mae``, ``perplexity`` are minimised, where
+            fastai would maximise them); a name it does not know follows fastai's rule
+            (``np.less`` when it holds "loss" or "error", else ``np.greater``), with a warning.
         min_delta: An improvement must beat the best by more than this.
-        fname: Name of the folder under ``learn.path/learn.model_dir`` that holds the files.
-        every_epoch: Keep a file every epoch (``True``) or every n epochs (an int), whatever its
-            score, without tracking the best (unless ``top_k`` is given too). With n > 1 the
-            kept epochs are n-1, 2n-1, ... (0-based), not fastai's 0, n, 2n, ...
-        at_end: Also save the final model (as ``last.pth``) and leave the final weights in the
-            learner instead of loading the best.
+        fname: The files' name in ``learn.path/learn.model_dir``, without ``.pth``.
+        every_epoch: Save every epoch (``True``) or every n epochs (an int: epochs 0, n, 2n,
+            ...) as ``{fname}_{epoch}.pth``, whatever the score, without loading a best.
+        at_end: Save the final model as ``{fname}.pth`` and leave it in the learner instead
+            of loading the best (the best is still tracked and printed).
         with_opt: Save the optimizer state with the model, and load it with the best.
-        reset_on_fit: Every ``fit`` starts afresh (its best replaces the previous fit's files).
-            With False, a later ``fit`` must beat the earlier fits' best to be saved.
+        reset_on_fit: Every ``fit`` starts a new run (its best replaces the previous fit's
+            files). With False, a later ``fit`` must beat the earlier fits' best to be saved.
         top_k: Keep the k best epochs (``-1`` every one with a valid score, ``0`` none).
-            Default: 1, or no cap with ``delta``; 0 with ``every_epoch``.
+            Default: 1, or no cap with ``delta``; 0 with ``every_epoch`` or ``at_end``.
         delta: Keep every epoch within ``delta`` of the best (a near-best ensemble).
         patience: Epochs without improvement before training stops (the Learner raises
             ``CancelFitException``, as ``EarlyStoppingCallback`` does).
         keep_every_n_epochs: Also keep epochs n-1, 2n-1, ... whatever their score.
-        save_last: Also keep a rolling ``last.pth`` of the latest epoch (``True`` or ``"link"``).
-        filename: Template of the file names; any Recorder value may appear (``{accuracy:.3f}``).
-        dirpath: Directory for the files instead of ``learn.path/learn.model_dir/fname``: a
-            local path or an fsspec URL (``s3://bucket/run``).
-        resume: Continue the run whose manifest is in the directory (its best stays the one to
+        save_last: Also keep a rolling ``{fname}_last.pth`` of the latest epoch (``True`` or
+            ``"link"``).
+        filename: Template of the kept files' names instead of the names above (without
+            ``.pth``); any Recorder value may appear: ``"model-{epoch}-{accuracy:.3f}"``.
+        dirpath: Directory for the files instead of ``learn.path/learn.model_dir``: a local
+            path or an fsspec URL (``s3://bucket/run``).
+        resume: Continue the run of this name in the directory (its best stays the one to
             beat). Load the weights to resume from and pass ``start_epoch`` to ``fit`` yourself.
-        overwrite: Replace the files of another run found in the directory.
         trackers: ``"auto"`` (a W&B or MLflow run already active), ``"wandb"``, ``"mlflow"``,
             or tracker objects told about every kept file (see ``bestsave.Tracker``).
         smooth: Judge on a smoothed score: ``N`` (mean of the last N) or ``("ema", alpha)``.
@@ -111,7 +128,7 @@ class SaveBestModelCallback(Callback):
             ``min_delta``.
         warmup: Epochs before this are never best nor kept for their score.
         async_write: Write files in a background thread (the loop pays for a copy of the
-            weights in host memory).
+            weights in host memory); every file is on disk when ``fit`` returns.
         on_write_error: ``"raise"`` stops training when a write fails; ``"warn"`` trains on.
         storage_options: Passed to fsspec for a remote ``dirpath``.
 
@@ -145,10 +162,9 @@ class SaveBestModelCallback(Callback):
         patience: int | None = None,
         keep_every_n_epochs: int | None = None,
         save_last: bool | Literal["link"] = False,
-        filename: str = DEFAULT_TEMPLATE,
+        filename: str | None = None,
         dirpath: str | os.PathLike[str] | None = None,
         resume: bool = False,
-        overwrite: bool = False,
         trackers: str | Iterable[Any] = "auto",
         smooth: Smooth = None,
         tie_break: str | tuple[str, str] | None = None,
@@ -164,7 +180,10 @@ class SaveBestModelCallback(Callback):
             raise ValueError(f"monitor must be the name of a Recorder value, not {monitor!r}")
         monitor = monitors[0]
         if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname:
-            raise ValueError(f"fname must be a plain name such as 'model', not {fname!r}")
+            raise ValueError(
+                f"fname must be a plain file name such as 'model', not {fname!r}; pass "
+                "dirpath= for another folder"
+            )
         every = _every_n(every_epoch)
         if every and at_end:
             raise ValueError("every_epoch and at_end cannot both be set: choose one")
@@ -172,34 +191,34 @@ class SaveBestModelCallback(Callback):
             raise ValueError(
                 "every_epoch and keep_every_n_epochs say the same thing: pass only one of them"
             )
-        mode = _mode(monitor, comp)
-        if every and top_k is None:
-            top_k = 0  # fastai's every_epoch saves on a schedule and tracks no best
+        modes = [_mode(monitor, comp)] + [_mode(m, None) for m in monitors[1:]]
+        if top_k is None and delta is None and (every or at_end):
+            top_k = 0  # fastai's every_epoch and at_end keep no best file of their own
         # The core's own checks, now rather than at the first fit.
         check_options(
             min_delta=min_delta, top_k=top_k, delta=delta,
             keep_every_n_epochs=keep_every_n_epochs or every, patience=patience,
-            save_last=save_last, filename=filename, smooth=smooth, tie_break=tie_break,
-            warmup=warmup, async_write=async_write, on_write_error=on_write_error,
+            save_last=save_last, filename=filename or "model", smooth=smooth,
+            tie_break=tie_break, warmup=warmup, periodic_start=0 if every else None,
+            async_write=async_write, on_write_error=on_write_error,
         )  # fmt: skip
 
         self.monitor, self.min_delta, self.fname = monitor, min_delta, fname
         self.monitors = monitors
         self.smooth, self.tie_break, self.warmup = smooth, tie_break, warmup
-        self.comp = np.less if mode == "min" else np.greater
+        self.comp = np.less if modes[0] == "min" else np.greater
         self.every_epoch, self.at_end, self.with_opt = every_epoch, at_end, with_opt
         self.reset_on_fit = reset_on_fit
         self.top_k, self.delta, self.patience = top_k, delta, patience
         self.keep_every_n_epochs = keep_every_n_epochs or every
         self.save_last: bool | Literal["link"] = save_last or at_end
-        self.filename, self.dirpath = filename, dirpath
-        self.resume, self.overwrite = resume, overwrite
+        self.filename, self.dirpath, self.resume = filename, dirpath, resume
         self.trackers = trackers if isinstance(trackers, str) else list(trackers)
         self.async_write, self.on_write_error = async_write, on_write_error
         self.storage_options = dict(storage_options or {})
         self.new_best = False
-        self._mode = mode
-        self._run_dir: str | None = None  # the directory this callback's own run lives in
+        self._modes = modes
+        self._run_at: tuple[str, str] | None = None  # (directory, file names) of the own run
         self._init_state()
 
     def _init_state(self) -> None:
@@ -209,7 +228,6 @@ class SaveBestModelCallback(Callback):
         self._wandb: list[Any] = []  # WandbCallbacks whose upload this callback does
         self._latest: Record | None = None
         self._frames: list[_Frame] = []
-        self._ended = False  # the last fit has ended (its at_end file is the final one)
 
     @property
     def name(self) -> str:
@@ -238,13 +256,13 @@ class SaveBestModelCallback(Callback):
         """The best monitored value so far (``inf``/``-inf`` before one, as fastai's)."""
         score = self._saver.best_score if self._saver else None
         if score is None:
-            return float("inf") if self._mode == "min" else -float("inf")
+            return float("inf") if self._modes[0] == "min" else -float("inf")
         return score
 
     @property
     def last_saved_path(self) -> Path | str | None:
-        """The file loggers upload: the best one; with ``at_end`` the final one after fit;
-        with ``every_epoch`` the latest one."""
+        """The file loggers upload: the best one; with ``at_end`` the final one; with
+        ``every_epoch`` the latest one."""
         record = self._logged_record()
         if record is None:
             return None
@@ -260,7 +278,7 @@ class SaveBestModelCallback(Callback):
         saver = self._saver
         if saver is None:
             return None
-        if self.at_end and self._ended and saver.last is not None:
+        if self.at_end and saver.last is not None:
             return saver.last
         if saver.policy.cap > 0:
             return saver.best
@@ -312,7 +330,7 @@ class SaveBestModelCallback(Callback):
         self.new_best = decision.is_best
         if decision.records:
             self._latest = decision.records[-1]
-        if decision.is_best and any(r.kind == "best" for r in decision.records):
+        if decision.is_best and self._tracks_best:
             print(
                 f"Better model found at epoch {self.epoch} with {self.monitor} value: "
                 f"{metrics[self.monitor]}."
@@ -328,7 +346,6 @@ class SaveBestModelCallback(Callback):
         saver = self._saver
         assert saver is not None
         saver.close()  # every file written, trackers told
-        self._ended = True
         if not (self.at_end or self.every_epoch):
             self._load_best(saver)
         self._upload(saver)
@@ -346,56 +363,78 @@ class SaveBestModelCallback(Callback):
         missing = next((m for m in self.monitors if m not in names), None)
         if missing is not None:
             raise MissingMetricError(missing, names)
-        dirpath = str(self.dirpath or Path(self.learn.path) / self.learn.model_dir / self.fname)
-        if self._saver is None or self.reset_on_fit or dirpath != self._run_dir:
-            self._saver = self._new_saver(dirpath)
+        # fastai's learn.save(fname) writes learn.path/learn.model_dir/fname.pth.
+        dirpath = str(self.dirpath or Path(self.learn.path) / self.learn.model_dir)
+        # WandbCallback(model_name=...) sets fname after this callback was made.
+        where = (dirpath, self._template())
+        if self._saver is None or self.reset_on_fit or where != self._run_at:
+            self._saver = self._new_saver(*where)
         if self._saver.writer:
             # The first save then copies into buffers allocated while the first epoch trains.
             weights = get_model(self.learn.model).state_dict()
             self._stager.reserve({"model": weights} if self.with_opt else weights)
-        self._ended = False
         self._take_upload()
         others = [cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback)]
         if others:
-            warnings.warn(
+            warn(
                 "the Learner also holds fastai's SaveModelCallback, a second saver (fastai's "
                 "WandbCallback(log_model=True) adds one when, at Learner creation, no callback "
                 "is named 'save_model'); pass SaveBestModelCallback in Learner(cbs=...) or "
-                "remove the other one",
-                BestSaveWarning,
-                stacklevel=2,
+                "remove the other one"
             )
 
-    def _new_saver(self, dirpath: str) -> BestSaver:
-        # A later fit of this callback over its own run: a new run replaces it (fastai's
-        # reset_on_fit), or, without reset, the run continues (after learn.export/load).
-        own = dirpath == self._run_dir
+    @property
+    def _tracks_best(self) -> bool:
+        """fastai's every_epoch tracks no best; bestsave's top_k beside it does."""
+        return not self.every_epoch or self.top_k != 0
+
+    def _template(self) -> str:
+        """The kept files' names: ``fname`` for a single best, as fastai's; named after their
+        epoch, as fastai's every_epoch names them, when several may be kept or ``fname`` is
+        at_end's final model."""
+        if self.filename is not None:
+            return self.filename
+        fname = _literal(self.fname)
+        single = len(self.monitors) == 1 and self.top_k in (None, 1) and self.delta is None
+        if self.keep_every_n_epochs or (self.top_k != 0 and (self.at_end or not single)):
+            return fname + "_{epoch}"
+        return fname
+
+    def _new_saver(self, dirpath: str, template: str) -> BestSaver:
+        # fastai overwrites its files: a new run replaces an earlier one of the same name (a
+        # cell run again, the next training stage). A later fit of this callback without
+        # reset_on_fit continues its own run instead.
+        own = (dirpath, template) == self._run_at
+        resume = self.resume or (own and not self.reset_on_fit)
         saver = BestSaver(
             dirpath,
             self.monitors,
-            mode=[self._mode] + [_mode(m, None) for m in self.monitors[1:]],
+            mode=self._modes,
             min_delta=self.min_delta,
             top_k=self.top_k,
             delta=self.delta,
             keep_every_n_epochs=self.keep_every_n_epochs,
             save_last=self.save_last,
             patience=self.patience,
-            filename=self.filename,
-            resume=(not self.reset_on_fit) if own else self.resume,
-            overwrite=self.reset_on_fit if own else self.overwrite,
+            filename=template,
+            resume=resume,
+            overwrite=not resume,
             trackers=self.trackers,
             smooth=self.smooth,
             tie_break=self.tie_break,
             warmup=self.warmup,
             async_write=self.async_write,
             on_write_error=self.on_write_error,
+            periodic_start=0 if self.every_epoch else None,  # fastai's 0, n, 2n, ...
             extension=".pth",
+            version_names=False,  # learn.save("model") names one file: a new best replaces it
+            last_name=_literal(self.fname) if self.at_end else _literal(self.fname) + "_last",
             writer=rank_distrib() == 0,
             framework="fastai",
             hparams=self._hparams(),
             storage_options=self.storage_options,
         )
-        self._run_dir = dirpath
+        self._run_at = (dirpath, template)
         return saver
 
     def _hparams(self) -> dict[str, Any]:
@@ -471,11 +510,7 @@ class SaveBestModelCallback(Callback):
         if self.learn.opt is None:
             self.learn.create_opt()
         if not has_opt:
-            warnings.warn(
-                f"{record.name} holds no optimizer state (saved with with_opt=False)",
-                BestSaveWarning,
-                stacklevel=3,
-            )
+            warn(f"{record.name} holds no optimizer state (saved with with_opt=False)")
             return
         opt = self.learn.opt
         opt.load_state_dict(state["opt"])
@@ -487,15 +522,13 @@ class SaveBestModelCallback(Callback):
         best = (
             saver.best
             if saver.writer
-            else load_manifest(saver.dirpath, **self.storage_options).best
+            else load_manifest(saver.dirpath, saver.files.name, **self.storage_options).best
         )
         if best is None:
             if saver.policy.cap > 0:
-                warnings.warn(
+                warn(
                     f"no best model was kept in {saver.dirpath} ({self.monitor} was never a "
-                    "valid number); the learner keeps its final weights",
-                    BestSaveWarning,
-                    stacklevel=2,
+                    "valid number); the learner keeps its final weights"
                 )
             return
         held = saver.held_state(best)
@@ -573,19 +606,31 @@ def _every_n(every_epoch: bool | int) -> int | None:
 
 
 def _mode(monitor: str, comp: Any) -> Literal["min", "max"]:
-    """The core's mode from fastai's ``comp``, or from the name as fastai infers it."""
+    """The core's mode from fastai's ``comp``, else from the metric's name."""
     if comp is not None:
         if any(comp is c or comp == c for c in _MIN_COMPS):
             return "min"
         if any(comp is c or comp == c for c in _MAX_COMPS):
             return "max"
         raise ValueError(f"comp must be np.less or np.greater (or None to infer), not {comp!r}")
-    if "loss" in monitor or "error" in monitor:
-        return "min"
     try:
         return infer_mode(monitor)
     except ValueError:
-        return "max"  # fastai's rule: a value that is not a loss or an error grows
+        pass
+    # fastai's own default, which a user swapping the class expects.
+    mode: Literal["min", "max"] = "min" if "loss" in monitor or "error" in monitor else "max"
+    comp_name, better = ("np.less", "lower") if mode == "min" else ("np.greater", "higher")
+    warn(
+        f"bestsave cannot tell from its name whether {monitor!r} is better higher or lower; "
+        f"following fastai's rule, {better} is better (comp={comp_name}). Pass comp=np.less "
+        "or comp=np.greater to say which"
+    )
+    return mode
+
+
+def _literal(name: str) -> str:
+    """``name`` as a file name template that renders to itself."""
+    return name.replace("{", "{{").replace("}", "}}")
 
 
 def _value_names(recorder: Any) -> list[str]:

@@ -1,7 +1,7 @@
 """Plain PyTorch: a checkpointer for hand-written training loops.
 
 Example:
-    >>> import tempfile, torch
+    >>> import os, tempfile, torch
     >>> from bestsave.adapters.torch import TorchCheckpointer
     >>> model = torch.nn.Linear(3, 1)
     >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -13,6 +13,8 @@ Example:
     >>> ckpt.close()
     >>> ckpt.load_best(model).epoch
     1
+    >>> sorted(os.listdir(ckpt.dirpath))  # the checkpoints; the run's own files in .bestsave/
+    ['.bestsave', 'epoch=001-val_loss=0.3000.pth', 'last.pth']
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, Literal
@@ -28,10 +29,12 @@ from typing import Any, Literal
 import torch
 
 from bestsave import BestSaver, Decision, Record, Staged, fetch, load_manifest
-from bestsave.messages import BestSaveWarning
+from bestsave.layout import runs_in
+from bestsave.messages import warn
 from bestsave.naming import DEFAULT_TEMPLATE
 from bestsave.policy import Smooth
 from bestsave.staging import Stager
+from bestsave.store import open_store
 
 __all__ = ["Terminated", "TorchCheckpointer"]
 
@@ -51,7 +54,12 @@ class TorchCheckpointer:
     """Keeps the best checkpoints of a plain PyTorch loop.
 
     Accepts every :class:`bestsave.BestSaver` option (several monitors, ``smooth``,
-    ``tie_break``, ``warmup``, ``baseline`` included), plus:
+    ``tie_break``, ``warmup``, ``baseline``, ``name``, ``last_name``, ``periodic_start``
+    included), with the same meaning: a directory holding an earlier run of the same name is an
+    error (:class:`bestsave.RunExistsError`) unless ``resume=True`` continues it or
+    ``overwrite=True`` replaces it (its files stay until this run keeps its first one). Kept
+    files go to ``dirpath``; the run's manifest, history and records to
+    ``dirpath/.bestsave/<name>/``. Plus:
 
     Args:
         save_weights_only: Kept files hold the model's ``state_dict`` alone; ``last`` still holds
@@ -90,6 +98,9 @@ class TorchCheckpointer:
         tie_break: str | tuple[str, str] | None = None,
         warmup: int = 0,
         baseline: float | None = None,
+        periodic_start: int | None = None,
+        name: str | None = None,
+        last_name: str = "last",
         save_weights_only: bool = False,
         format: Literal["torch", "safetensors"] = "torch",
         async_write: bool = True,
@@ -130,6 +141,9 @@ class TorchCheckpointer:
             tie_break=tie_break,
             warmup=warmup,
             baseline=baseline,
+            periodic_start=periodic_start,
+            name=name,
+            last_name=last_name,
             async_write=async_write,
             on_write_error=on_write_error,
             extension=self.extension,
@@ -139,6 +153,7 @@ class TorchCheckpointer:
             storage_options=storage_options,
         )
         self._storage_options = dict(storage_options or {})
+        self._resume = resume
         self._objects: dict[str, Any] = {}
         self._stager = Stager()
         self._epoch = -1
@@ -238,12 +253,12 @@ class TorchCheckpointer:
         last = self.saver.last
         if last is None:
             if self.saver.last_epoch is not None:
-                warnings.warn(
+                warn(
                     f"the run in {self.dirpath} has no 'last' checkpoint to resume from "
-                    "(save_last=False); training restarts at epoch 0, its best is kept",
-                    BestSaveWarning,
-                    stacklevel=2,
+                    "(save_last=False); training restarts at epoch 0, its best is kept"
                 )
+            elif self._resume and self.rank == 0:
+                self._warn_other_runs()
             return 0
         state = self._load(last, map_location)
         model.load_state_dict(state["model"])
@@ -253,7 +268,24 @@ class TorchCheckpointer:
             scheduler.load_state_dict(state["scheduler"])
         if "rng" in state:
             torch.set_rng_state(state["rng"])
+        # An exception before the first step() keeps the restored state: it is this epoch's.
+        self._epoch, self._step = int(state["epoch"]), state.get("step")
         return int(state["epoch"]) + 1
+
+    def _warn_other_runs(self) -> None:
+        """resume=True found no run of this name to continue: say so when the directory holds
+        others (a changed ``filename`` or ``monitor`` names the run differently)."""
+        name = self.saver.files.name
+        others = [
+            r for r in runs_in(open_store(self.dirpath, **self._storage_options)) if r != name
+        ]
+        if others:
+            warn(
+                f"resume=True: {self.dirpath} holds no run named {name!r} to resume, but holds "
+                f"{', '.join(map(repr, others))}; training starts at epoch 0 as a new run. "
+                f"Runs are named after their file name template and monitor: pass the same "
+                f"filename= and monitor= (or name={others[0]!r}) to resume that one"
+            )
 
     def _load(self, record: Record, map_location: Any) -> dict[str, Any]:
         path = fetch(record, **self._storage_options)
@@ -286,7 +318,9 @@ class TorchCheckpointer:
         self.saver.close()
         best = self.saver.best
         if best is None and self.rank != 0:
-            best = load_manifest(self.dirpath, **self._storage_options).best
+            best = load_manifest(
+                self.dirpath, run=self.saver.files.name, **self._storage_options
+            ).best
         if best is None:
             raise FileNotFoundError(f"no best checkpoint has been kept in {self.dirpath} yet")
         held = self.saver.held_state(best)

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
-from bestsave.layout import runs_in
+from bestsave.layout import META, runs_in
 from bestsave.manifest import ChecksumError, Manifest, load_manifest
 from bestsave.metrics import MissingMetricError, as_number
 from bestsave.record import Record
@@ -247,10 +247,13 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    directory, file = args.dir, args.file
+    directory, file, run = args.dir, args.file, args.run
     if file is None and os.path.isfile(directory):  # ``bestsave show runs/a/epoch=003.pth``
         directory, file = os.path.dirname(directory) or ".", os.path.basename(directory)
-    manifest = _load(directory, args.run)
+        folder, name = os.path.split(os.path.abspath(directory))
+        if os.path.basename(folder) == META:  # a record: ``runs/a/.bestsave/<run>/x.json``
+            directory, run = os.path.dirname(folder), name
+    manifest = _load(directory, run)
     record = _find(manifest, file)
     is_best = record.name == manifest.best_name
     if args.json:

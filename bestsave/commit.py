@@ -275,9 +275,8 @@ class Committer:
         store = self.store
         state = job.state
         assert state is not None
-        if self.replacing is not None and not job.files:
-            self._carry += job.lines  # the earlier run stays whole until this one keeps a file
-            return [], []
+        if self.replacing is not None and not any(f.record.kind in _KEPT for f in job.files):
+            return self._defer(job)
         error: Exception | None = None
         digests = dict(self.digests)
         try:
@@ -346,6 +345,23 @@ class Committer:
         if error is not None:
             raise error
         return written, evicted
+
+    def _defer(self, job: Job) -> tuple[list[Record], list[Record]]:
+        """A job of a run that replaces an earlier one and has kept no checkpoint yet: the
+        earlier run stays whole. Its history waits for the first commit; a ``last`` file is
+        not written (the earlier run's may be the one to resume); an exception's state is
+        written into place, to be listed by that first commit."""
+        self._carry += job.lines
+        for f in job.files:
+            if f.record.kind != "exception" and f.content is not None:
+                f.content.release()
+                f.content = None
+        job.files = [f for f in job.files if f.record.kind == "exception"]
+        pending = self._write_files(job)
+        for name, tmp in pending.items():
+            self.store.rename(tmp, name)
+        self.store.sync()
+        return [self.filled(f.record) for f in job.files], []
 
     def _write_files(self, job: Job) -> dict[str, str]:
         """Every new file under its temporary name, durable; returns final name -> temp."""
@@ -433,6 +449,8 @@ class Committer:
 
 
 _RANKED = ("best", "top_k", "ensemble")
+_KEPT = (*_RANKED, "periodic")
+"""Kinds of checkpoint whose commit makes a new run replace an earlier one."""
 
 
 def _amend(lines: list[str], lost: set[str], error: str) -> list[str]:

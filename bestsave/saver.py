@@ -238,6 +238,9 @@ class BestSaver:
             manifest, history and records; by default made from ``filename`` and the first
             monitor, so savers that write differently named files can share a directory.
         last_name: Template of the ``last`` file's name (without the extension).
+        version_names: A new file whose name a file that is not this run's already holds gets
+            ``-v1``, ``-v2``... (Lightning's rule); False replaces that file, as Keras and
+            fastai overwrite theirs.
         writer: False on processes that must not write (distributed ranks other than 0): they
             reach the same decisions and touch no file.
         framework: Recorded in the run info, e.g. ``"lightning"``.
@@ -280,6 +283,7 @@ class BestSaver:
         extension: str = "",
         name: str | None = None,
         last_name: str = "last",
+        version_names: bool = True,
         writer: bool = True,
         framework: str | None = None,
         hparams: Mapping[str, Any] | None = None,
@@ -330,6 +334,7 @@ class BestSaver:
         self.save_last = save_last
         self.filename = filename
         self.last_name = last_name
+        self.version_names = version_names
         self.extension = extension
         self.writer = writer
         self.async_write = bool(async_write)
@@ -536,7 +541,7 @@ class BestSaver:
         self._kept = list(state.kept)
         self._last = state.last
         self._warned = set(state.warned)
-        self._taken = set(self._store.names()) - self._replaced
+        self._taken = self._foreign() | {r.name for r in self._kept}
 
     # -- opening a directory ----------------------------------------------------------------
 
@@ -584,8 +589,15 @@ class BestSaver:
                 "to start a new run in its place, or choose another directory."
             )
         self._replaced = set(replacing or ())
-        self._taken = set(store.names()) - self._replaced
+        self._taken = self._foreign() | {r.name for r in self._kept}
         return history_bytes, replacing
+
+    def _foreign(self) -> set[str]:
+        """Names of files in the directory that are not this run's, which a new file must not
+        take: all of them with ``version_names``, none without (the file is replaced)."""
+        if not self.version_names:
+            return set()
+        return set(self._store.names()) - self._replaced
 
     def _describe(self, manifest: Manifest) -> str:
         """The earlier run in words: where, when, and its best."""

@@ -120,6 +120,9 @@ class Stager:
             out = type(obj)() if type(obj) is not dict else {}
             for k, v in obj.items():
                 out[k] = self._copy(v, (*path, k), buffers, sync)
+            metadata = getattr(obj, "_metadata", None)  # a state_dict's versions, for loading
+            if metadata is not None:
+                out._metadata = metadata
             return out
         if isinstance(obj, (list, tuple)):
             items = [self._copy(v, (*path, i), buffers, sync) for i, v in enumerate(obj)]

@@ -3,8 +3,10 @@
 Only 5% of the rows are positive, so a model that answers "negative" to everything scores 95%
 accuracy. The Matthews correlation coefficient (MCC) is 0 for such a model, so
 ``SaveBestModelCallback`` (fastai's ``SaveModelCallback`` with bestsave's options) monitors
-``matthews_corrcoef`` and keeps the 3 best epochs; after ``fit`` the learner holds the best one.
-The example prints the kept epochs, and the epoch accuracy would have chosen, for comparison.
+``matthews_corrcoef`` and keeps the 3 best epochs, as ``models/mcc_<epoch>.pth``; after ``fit``
+the learner holds the best one. The example prints the kept epochs, and the epoch accuracy would
+have chosen, for comparison. Running it again starts a new run in the same place, as fastai's
+callback would: the earlier run's files go once the new run has kept its first one.
 
 W&B runs offline (no account needed; ``wandb sync`` uploads the run later). The best model goes
 to the W&B run as a ``model`` artifact whose metadata is the best epoch's record (its metrics,
@@ -25,7 +27,6 @@ not the last epoch's):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from fastai.tabular.learner import TabularLearner
 from sklearn.datasets import make_classification
 
 from bestsave.adapters.fastai import SaveBestModelCallback
+from bestsave.verify import load_history
 
 
 def make_data(seed: int = 0) -> tuple[pd.DataFrame, list[int]]:
@@ -91,7 +93,7 @@ def wandb_callback_works() -> bool:
 
 
 def train(dirpath: str, epochs: int = 12, seed: int = 0) -> SaveBestModelCallback:
-    """Train with the 3 best epochs by MCC in ``dirpath/models/mcc`` and the W&B run in
+    """Train with the 3 best epochs by MCC in ``dirpath/models`` and the W&B run in
     ``dirpath/wandb``. The W&B run is left open: finish it with ``wandb.finish()``."""
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_DIR", dirpath)
@@ -110,11 +112,7 @@ def train(dirpath: str, epochs: int = 12, seed: int = 0) -> SaveBestModelCallbac
     else:
         trackers.append("wandb")
     save = SaveBestModelCallback(
-        monitor="matthews_corrcoef",
-        top_k=3,
-        fname="mcc",
-        overwrite=True,  # running the command again starts a new run in the same directory
-        trackers=trackers,
+        monitor="matthews_corrcoef", top_k=3, fname="mcc", trackers=trackers
     )
     wandb.init(project="bestsave-examples", dir=os.environ["WANDB_DIR"], mode="offline")
     # Added to the learner, so that after the fit ``save.learn.validate()`` checks the weights
@@ -137,7 +135,7 @@ def main() -> None:
     assert run is not None and save.saver is not None
     kept = {r.epoch: r for r in save.kept}
     why = {"best": "kept: a new best when saved", "top_k": "kept: among the 3 best"}
-    lines = [json.loads(line) for line in Path(save.saver.dirpath, "history.jsonl").open()]
+    lines = load_history(save.saver.dirpath, run=save.saver.files.name)
     print(f"\nepoch  valid_loss  accuracy  matthews_corrcoef    (files in {save.saver.dirpath})")
     for line in lines:
         m, record = line["metrics"], kept.get(line["epoch"])

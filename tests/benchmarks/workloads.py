@@ -25,8 +25,11 @@ Example (a model of a few kilobytes, in this process)::
     ...             batch=2, dir=os.path.join(d, "ckpt"), result=os.path.join(d, "r.json"))
     >>> run(spec)
     >>> r = json.load(open(spec["result"]))
-    >>> r["saves"], len(r["epochs"]), sorted(os.listdir(spec["dir"]))[0]
-    ([0, 1, 2], 3, 'bestsave.json')
+    >>> r["saves"], len(r["epochs"]), sorted(os.listdir(spec["dir"]))  # the best, and .bestsave
+    ([0, 1, 2], 3, ['.bestsave', 'epoch=002-scripted_loss=97.0000.pth'])
+    >>> run_folder = os.path.join(spec["dir"], ".bestsave", "epoch=epoch-scripted_loss=score")
+    >>> sorted(os.listdir(run_folder))  # the run's own files
+    ['bestsave.json', 'epoch=002-scripted_loss=97.0000.json', 'history.jsonl']
 """
 
 from __future__ import annotations

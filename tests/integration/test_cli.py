@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from runfiles import run_folder
 
 from bestsave import load_manifest
 from bestsave.adapters.torch import TorchCheckpointer
@@ -173,7 +174,7 @@ def test_show_a_given_file_by_name_path_or_sidecar(runs, capsys) -> None:
     other = next(r for r in kept if r.epoch == 3)
     for arg in (
         [runs / "a", other.name],
-        [runs / "a", Path(other.path).with_suffix(".json")],
+        [runs / "a", run_folder(runs / "a") / f"{Path(other.name).stem}.json"],  # its record
         [other.path],
     ):
         code, out, _ = cli(capsys, "show", *arg, "--json")
@@ -255,7 +256,11 @@ def test_verify_fails_on_missing_extra_and_leftover_files(run, capsys) -> None:
     kept = next(r for r in load_manifest(run).kept if r.epoch == 3)
     Path(kept.path).unlink()
     shutil.copy(run / best_name(run), run / "epoch=099-stray.pth")
-    (run / f"{TMP_PREFIX}deadbeef-epoch=007.pth").write_bytes(b"half a checkpoint")
+    # Temporary files are written in the run's folder; one beside the checkpoints is a leftover
+    # too.
+    folder = run_folder(run)
+    (folder / f"{TMP_PREFIX}deadbeef-epoch=007.pth").write_bytes(b"half a checkpoint")
+    (run / f"{TMP_PREFIX}cafe-epoch=008.pth").write_bytes(b"half a checkpoint")
     code, out, _ = cli(capsys, "verify", run, "--json")
     assert code == 1
     [report] = json.loads(out)
@@ -263,7 +268,8 @@ def test_verify_fails_on_missing_extra_and_leftover_files(run, capsys) -> None:
     assert found == {
         ("missing", kept.name),
         ("extra", "epoch=099-stray.pth"),
-        ("leftover", f"{TMP_PREFIX}deadbeef-epoch=007.pth"),
+        ("leftover", f".bestsave/{folder.name}/{TMP_PREFIX}deadbeef-epoch=007.pth"),
+        ("leftover", f"{TMP_PREFIX}cafe-epoch=008.pth"),
     }
     assert report["ok"] is False
 

@@ -100,7 +100,7 @@ def test_fastai_run(tmp_path, capsys):
     save = SaveBestModelCallback(monitor="score", top_k=2)
     with learn.no_bar(), learn.no_logging():
         learn.fit(len(SCORES), lr=0.05, cbs=[save])
-    run = tmp_path / "models" / "model"
+    run = tmp_path / "models"  # the run's own files are in models/.bestsave/<run>/
     soup = check_cli(run, tmp_path, capsys, "soup.pth")
     members = [torch.load(r.path, weights_only=True) for r in load_manifest(run).kept]
     assert_average(torch.load(soup, weights_only=True), members)

@@ -8,7 +8,6 @@ the way its docstring tells a user to.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import re
@@ -20,6 +19,7 @@ from types import ModuleType
 import pytest
 
 from bestsave import load_manifest
+from bestsave.verify import load_history
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -63,7 +63,8 @@ def run_script(
 
 
 def history(dirpath: Path) -> list[dict]:
-    return [json.loads(line) for line in (dirpath / "history.jsonl").read_text().splitlines()]
+    """Every evaluation of the run in ``dirpath`` (its ``.bestsave/<run>/history.jsonl``)."""
+    return load_history(dirpath)
 
 
 def top(lines: list[dict], metric: str, k: int) -> list[int]:
@@ -240,7 +241,7 @@ def test_fastai_mcc_wandb_keeps_the_3_best_by_mcc(tmp_path, monkeypatch, wandb_c
     works = "fastai's WandbCallback cannot start here" not in out
     assert works or wandb_callback == "as installed"
 
-    saved = run / "models" / "mcc"
+    saved = run / "models"
     manifest = load_manifest(saved)
     best = manifest.best
     assert best is not None

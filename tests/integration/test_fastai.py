@@ -2,14 +2,18 @@
 
 Most tests monitor a scripted metric (one chosen value per epoch) so that which epochs are best
 is known in advance; the weights each epoch ends with are captured by a small callback and
-compared with what the callback saved and loaded.
+compared with what the callback saved and loaded. The drop-in tests run the same training
+through fastai's SaveModelCallback and ours and compare what a user sees: the files in
+``models/`` and what ``learn.load`` reads from them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,22 +23,29 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("fastai")
 
+import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle)
 from fastai.callback.core import Callback
 from fastai.callback.tracker import SaveModelCallback
 from fastai.data.core import DataLoaders, Datasets
 from fastai.learner import Learner, load_learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import MatthewsCorrCoef, RocAucBinary, accuracy
+from fastai.test_utils import synth_learner
 from fastai_scripted import Scripted  # tests/ is on pytest's pythonpath
+from runfiles import checkpoints, run_folder
 from torch import nn
 
-from bestsave import ChecksumError, MissingMetricError, RunExistsError, fetch, load_manifest
+from bestsave import BestSaveWarning, ChecksumError, MissingMetricError, fetch, load_manifest
 from bestsave.adapters.fastai import SaveBestModelCallback
 
 pytestmark = [
     # fastai's own Learner.load and load_learner warn about things outside bestsave.
     pytest.mark.filterwarnings("ignore:numpy.core is deprecated:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:load_learner:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Saved file doesn't contain an optimizer state"),
+    # The scripted metric's name, "score", says nothing of its direction: fastai's rule
+    # (higher is better) applies, with a warning that test_mode_* checks.
+    pytest.mark.filterwarnings("ignore:bestsave cannot tell from its name whether 'score'"),
 ]
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -147,7 +158,19 @@ def weights(learn: Learner) -> dict[str, torch.Tensor]:
 
 
 def files(directory: Path) -> dict[str, float]:
-    return {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} if directory.exists() else {}
+    """Every file under ``directory`` (bestsave's own included), with its modification time."""
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in directory.rglob("*")}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def loaded(path: Path, fname: str, **kwargs) -> dict[str, torch.Tensor]:
+    """The weights ``learn.load(fname)`` puts into a fresh learner under ``path``."""
+    other = regression_learner(path, n=40)
+    other.load(fname, with_opt=False, **kwargs)
+    return weights(other)
 
 
 def better_lines(out: str) -> list[str]:
@@ -175,14 +198,14 @@ def test_saves_each_improvement_and_loads_the_best(tmp_path, capsys):
     assert [r.epoch for r in save.kept] == [3]
     assert [r.epoch for r in events.saved] == [0, 1, 3] and events.ended[-1].epoch == 3
 
-    # The file lives under learn.path/learn.model_dir/fname, is the only .pth left there, and
-    # holds the weights the model had at epoch 3; those weights are now in the learner.
-    folder = tmp_path / "models" / "model"
-    assert Path(best.path).parent == folder
-    assert sorted(p.name for p in folder.glob("*.pth")) == [Path(best.path).name]
-    state = torch.load(fetch(best), weights_only=True)
-    assert same(state, log.weights[3])
+    # The file is learn.path/learn.model_dir/fname.pth, where fastai's callback puts it, the
+    # only one there; it holds the weights the model had at epoch 3, and so does the learner.
+    models = tmp_path / "models"
+    assert best.path == str(models / "model.pth")
+    assert checkpoints(models) == {"model.pth"}
+    assert same(torch.load(fetch(best), weights_only=True), log.weights[3])
     assert same(weights(learn), log.weights[3])
+    assert same(loaded(tmp_path, "model"), log.weights[3])  # fastai's own learn.load("model")
     assert save.last_saved_path == Path(best.path)
     assert save.last_saved_metadata["epoch"] == 3
     assert save.best == 0.6 and save.comp is np.greater
@@ -193,16 +216,9 @@ def test_saves_each_improvement_and_loads_the_best(tmp_path, capsys):
     assert set(best.metrics) == {"train_loss", "valid_loss", "score", "lr", "mom", "wd"}
     assert best.metrics["lr"] == pytest.approx(0.05)
     assert best.run["framework"] == "fastai" and best.run["hparams"]["n_epoch"] == 5
-    assert load_manifest(folder).best.epoch == 3
-
-
-def test_fastai_loads_the_file_itself(tmp_path):
-    save = SaveBestModelCallback(monitor="score")
-    learn = regression_learner(tmp_path, metrics=[Scripted([0.2, 0.9, 0.1])])
-    fit(learn, 3, cbs=[save])
-    other = regression_learner(tmp_path, n=40)
-    other.load(f"model/{Path(save.best_record.path).stem}", with_opt=False)
-    assert same(weights(other), weights(learn))
+    # bestsave's own files are in one hidden folder, the run named after the file.
+    assert load_manifest(models).best.epoch == 3
+    assert (run_folder(models, "model") / "model.json").exists()
 
 
 def test_default_monitor_is_valid_loss(tmp_path):
@@ -221,10 +237,12 @@ def test_top_k_keeps_the_k_best(tmp_path):
     learn = regression_learner(tmp_path, metrics=[Scripted(scores)])
     fit(learn, len(scores), cbs=[save, log])
 
+    # Several files: each named after its epoch, as fastai's every_epoch names them.
     assert [r.epoch for r in save.kept] == [3, 4, 1]
-    assert len(list((tmp_path / "models" / "model").glob("*.pth"))) == 3
+    assert checkpoints(tmp_path / "models") == {"model_1.pth", "model_3.pth", "model_4.pth"}
     for record in save.kept:
         assert same(torch.load(fetch(record), weights_only=True), log.weights[record.epoch])
+        assert same(loaded(tmp_path, f"model_{record.epoch}"), log.weights[record.epoch])
     assert same(weights(learn), log.weights[3])
 
 
@@ -246,7 +264,7 @@ def test_several_monitors_keep_a_best_for_each(tmp_path):
     learn = regression_learner(tmp_path, metrics=[Scripted(scores)])
     fit(learn, len(scores), cbs=[save, log])
 
-    manifest = load_manifest(tmp_path / "models" / "model")
+    manifest = load_manifest(tmp_path / "models")
     assert save.best_record.epoch == 1 and manifest.best.monitor == "score"
     losses = [values[1] for values in learn.recorder.values]
     by_loss = manifest.best_for("valid_loss")
@@ -272,30 +290,47 @@ def test_every_epoch_saves_on_schedule_and_loads_nothing(tmp_path, capsys):
     assert save.best_record is None
     assert [r.epoch for r in save.kept] == [0, 1, 2, 3]
     assert {r.kind for r in save.kept} == {"periodic"}
+    assert checkpoints(tmp_path / "models") == {f"model_{e}.pth" for e in range(4)}
     assert same(weights(learn), log.weights[3])  # the final weights stay
     assert save.last_saved_metadata["epoch"] == 3
     for record in save.kept:
         assert same(torch.load(fetch(record), weights_only=True), log.weights[record.epoch])
+        assert same(loaded(tmp_path, f"model_{record.epoch}"), log.weights[record.epoch])
 
 
-def test_every_n_epochs(tmp_path):
+def test_every_n_epochs_keeps_epochs_0_n_2n(tmp_path):
     save = SaveBestModelCallback(monitor="score", every_epoch=2)
     learn = regression_learner(tmp_path, metrics=[Scripted([0.9, 0.1, 0.5, 0.2, 0.3])])
     fit(learn, 5, cbs=[save])
-    assert [r.epoch for r in save.kept] == [1, 3]
+    assert [r.epoch for r in save.kept] == [0, 2, 4]  # fastai's epoch % n == 0
+    assert checkpoints(tmp_path / "models") == {"model_0.pth", "model_2.pth", "model_4.pth"}
 
 
-def test_at_end_saves_the_final_model_and_keeps_it(tmp_path):
+def test_at_end_leaves_the_final_model_in_fname(tmp_path, capsys):
     save, log = SaveBestModelCallback(monitor="score", at_end=True), WeightLog()
     learn = regression_learner(tmp_path, metrics=[Scripted([0.2, 0.9, 0.5, 0.4])])
     fit(learn, 4, cbs=[save, log])
 
+    # As fastai's: the best is tracked and told, model.pth is the final model, and only it.
+    assert better_lines(capsys.readouterr().out) == [
+        "Better model found at epoch 0 with score value: 0.2.",
+        "Better model found at epoch 1 with score value: 0.9.",
+    ]
+    assert save.best == 0.9 and save.best_record is None
     assert same(weights(learn), log.weights[3])  # not the best: at_end keeps the final model
+    assert checkpoints(tmp_path / "models") == {"model.pth"}
     final = save.saver.last
-    assert final.epoch == 3 and save.last_saved_path == Path(final.path)
-    assert same(torch.load(fetch(final), weights_only=True), log.weights[3])
-    assert save.best_record.epoch == 1  # the best is still tracked and kept
-    assert same(torch.load(fetch(save.best_record), weights_only=True), log.weights[1])
+    assert final.epoch == 3 and save.last_saved_path == tmp_path / "models" / "model.pth"
+    assert same(loaded(tmp_path, "model"), log.weights[3])
+
+
+def test_at_end_with_top_k_keeps_the_best_beside_the_final_model(tmp_path):
+    save, log = SaveBestModelCallback(monitor="score", at_end=True, top_k=1), WeightLog()
+    learn = regression_learner(tmp_path, metrics=[Scripted([0.2, 0.9, 0.5, 0.4])])
+    fit(learn, 4, cbs=[save, log])
+    assert checkpoints(tmp_path / "models") == {"model.pth", "model_1.pth"}
+    assert same(loaded(tmp_path, "model"), log.weights[3])
+    assert same(loaded(tmp_path, "model_1"), log.weights[1])
 
 
 def test_with_opt_round_trip(tmp_path):
@@ -311,7 +346,7 @@ def test_with_opt_round_trip(tmp_path):
     # fastai's own Learner.load reads it, optimizer state included ...
     other = regression_learner(tmp_path)
     other.create_opt()
-    other.load(f"model/{Path(best.path).stem}", with_opt=True)
+    other.load("model", with_opt=True)
     assert same(weights(other), log.weights[1])
     saved_opt = state["opt"]["state"]
     loaded_opt = other.opt.state_dict()["state"]
@@ -371,16 +406,18 @@ def test_reset_on_fit_starts_every_fit_afresh(tmp_path, capsys):
     save, log = SaveBestModelCallback(monitor="score"), WeightLog()
     learn = regression_learner(tmp_path, metrics=[script], cbs=[save, log])
     fit(learn, 2)
-    first = save.best_record
     script.values = [0.3, 0.4]  # worse than the first fit's best
-    fit(learn, 2)
+    with pytest.warns(BestSaveWarning, match="Starting a new run there"):
+        fit(learn, 2)
 
     assert better_lines(capsys.readouterr().out)[-2:] == [
         "Better model found at epoch 0 with score value: 0.3.",
         "Better model found at epoch 1 with score value: 0.4.",
     ]
     assert save.best_record.score == 0.4
-    assert not Path(first.path).exists()  # the first fit's file was replaced
+    # As fastai's: model.pth now holds the second fit's best.
+    assert checkpoints(tmp_path / "models") == {"model.pth"}
+    assert same(loaded(tmp_path, "model"), log.weights[1])
     assert same(weights(learn), log.weights[1])
 
 
@@ -462,6 +499,206 @@ def test_parity_with_fastai_save_model_callback(tmp_path, monitor, scores, min_d
     assert same(bs_final, bs_log[bs_epochs[-1]])
 
 
+# -- drop-in for fastai's SaveModelCallback -----------------------------------------------------
+
+
+def through_both(tmp_path: Path, fits: list, metrics=list) -> dict[str, Learner]:
+    """The same training through fastai's SaveModelCallback and through ours, each in its own
+    learner path: ``fits`` is a list of (n_epoch, callback arguments), one fit each, a new
+    callback each time, one learner."""
+    learners = {}
+    for name, cls in (("fastai", SaveModelCallback), ("bestsave", SaveBestModelCallback)):
+        learn = regression_learner(tmp_path / name, metrics=metrics())
+        for n_epoch, kwargs in fits:
+            fit(learn, n_epoch, cbs=[cls(**kwargs)], lr=0.3)
+        learners[name] = learn
+    return learners
+
+
+@pytest.mark.parametrize(
+    "fits",
+    [
+        [(4, {})],
+        [(3, {"with_opt": True})],
+        [(4, {"fname": "end", "at_end": True})],
+        [(3, {"every_epoch": True})],
+        [(5, {"every_epoch": 2})],
+        [(3, {}), (3, {})],  # training in stages, a new callback each time
+        [(2, {}), (2, {"fname": "end", "at_end": True}), (2, {"every_epoch": True})],
+        [(3, {"monitor": "train_loss", "fname": "by_train"}), (3, {})],
+    ],
+    ids=["best", "with_opt", "at_end", "every_epoch", "every_2", "stages", "fnames", "monitors"],
+)
+def test_models_holds_what_fastai_would_hold(tmp_path, fits):
+    """What a user of fastai's callback looks at: the names in models/, and what
+    learn.load(name) reads from each (and what the learner holds after the last fit)."""
+    learners = through_both(tmp_path, fits)
+    stock, ours = tmp_path / "fastai", tmp_path / "bestsave"
+    names = checkpoints(stock / "models")
+    assert checkpoints(ours / "models") == names
+    for name in names:
+        stem = name.removesuffix(".pth")
+        assert same(loaded(ours, stem), loaded(stock, stem)), name
+    assert same(weights(learners["bestsave"]), weights(learners["fastai"]))
+
+
+def test_same_best_epochs_as_fastai_with_min_delta(tmp_path, capsys):
+    scores = [0.5, 0.7, 0.75, 0.9, 0.95, 0.8]
+    learners = through_both(
+        tmp_path, [(6, {"monitor": "score", "min_delta": 0.1})], lambda: [Scripted(scores)]
+    )
+    out = better_lines(capsys.readouterr().out)
+    assert (
+        out[:3]
+        == out[3:]
+        == [
+            "Better model found at epoch 0 with score value: 0.5.",
+            "Better model found at epoch 1 with score value: 0.7.",
+            "Better model found at epoch 3 with score value: 0.9.",
+        ]
+    )
+    assert same(loaded(tmp_path / "bestsave", "model"), loaded(tmp_path / "fastai", "model"))
+    assert same(weights(learners["bestsave"]), weights(learners["fastai"]))
+
+
+def test_fits_in_stages_warn_and_each_replaces_the_earlier(tmp_path):
+    learn, log = regression_learner(tmp_path), WeightLog()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(2, cbs=[SaveBestModelCallback(), log])
+        first = sha256(tmp_path / "models" / "model.pth")
+        with pytest.warns(BestSaveWarning, match=r"holds run .*'model'.*Starting a new run"):
+            learn.fit_one_cycle(3, cbs=[SaveBestModelCallback(), log])
+    losses = [v[1] for v in learn.recorder.values]  # the second stage's
+    best = int(np.argmin(losses))
+    assert checkpoints(tmp_path / "models") == {"model.pth"}
+    assert sha256(tmp_path / "models" / "model.pth") != first
+    assert same(loaded(tmp_path, "model"), log.weights[best])
+    assert same(weights(learn), log.weights[best])
+    assert load_manifest(tmp_path / "models").best.epoch == best
+
+
+class FileLog(Callback):
+    """The sha256 of models/model.pth after each epoch, once the savers ran."""
+
+    order = 70
+
+    def __init__(self) -> None:
+        self.hashes: list[str | None] = []
+
+    def after_epoch(self) -> None:
+        path = Path(self.learn.path) / self.learn.model_dir / "model.pth"
+        self.hashes.append(sha256(path) if path.exists() else None)
+
+
+class CrashAt(Callback):
+    """Raises at the end of one epoch, before the savers see it."""
+
+    order = 56
+
+    def __init__(self, epoch: int) -> None:
+        self.at = epoch
+
+    def after_epoch(self) -> None:
+        if self.epoch == self.at:
+            raise RuntimeError("boom")
+
+
+def test_the_earlier_best_stays_until_the_new_run_keeps_its_first_file(tmp_path):
+    script, log = Scripted([0.2, 0.9]), WeightLog()
+    learn = regression_learner(tmp_path, metrics=[script], cbs=[log])
+    fit(learn, 2, cbs=[SaveBestModelCallback(monitor="score")])
+    model = tmp_path / "models" / "model.pth"
+    earlier, earlier_best = sha256(model), log.weights[1]
+
+    # A new run whose first epoch keeps nothing (no valid score), then crashes: the earlier
+    # run's best is whole, learn.load("model") still reads it.
+    script.values = [float("nan"), 0.5]
+    files_log = FileLog()
+    with pytest.warns(BestSaveWarning), pytest.raises(RuntimeError, match="boom"):
+        fit(learn, 2, cbs=[SaveBestModelCallback(monitor="score"), files_log, CrashAt(1)])
+    assert files_log.hashes == [earlier]
+    assert checkpoints(tmp_path / "models") == {"model.pth"} and sha256(model) == earlier
+    assert same(loaded(tmp_path, "model"), earlier_best)
+    assert load_manifest(tmp_path / "models").best.score == 0.9
+
+    # The next run keeps its first file: then, and only then, the earlier one is gone.
+    script.values = [float("nan"), 0.5, 0.4]
+    files_log = FileLog()
+    with pytest.warns(BestSaveWarning):
+        fit(learn, 3, cbs=[SaveBestModelCallback(monitor="score"), files_log])
+    assert files_log.hashes[0] == earlier
+    assert checkpoints(tmp_path / "models") == {"model.pth"}
+    assert same(loaded(tmp_path, "model"), log.weights[1])  # this run's epoch 1
+    assert load_manifest(tmp_path / "models").best.score == 0.5
+
+
+def test_a_new_run_deletes_the_files_of_the_earlier_run_of_its_name(tmp_path):
+    """The one difference in models/ from fastai's callback: a file an earlier run of the same
+    name kept and the new run does not write again is deleted, where fastai leaves it."""
+    learners = through_both(tmp_path, [(3, {"every_epoch": True}), (1, {"every_epoch": True})])
+    assert checkpoints(tmp_path / "fastai" / "models") == {f"model_{e}.pth" for e in range(3)}
+    assert checkpoints(tmp_path / "bestsave" / "models") == {"model_0.pth"}
+    assert same(loaded(tmp_path / "bestsave", "model_0"), weights(learners["bestsave"]))
+
+
+def test_several_fnames_are_several_runs_in_models(tmp_path):
+    learn = regression_learner(tmp_path, metrics=[Scripted([0.2, 0.9, 0.5])])
+    fit(learn, 3, cbs=[SaveBestModelCallback()])
+    fit(learn, 3, cbs=[SaveBestModelCallback(monitor="score", fname="by_score", top_k=2)])
+    fit(learn, 3, cbs=[SaveBestModelCallback(fname="end", at_end=True)])
+    models = tmp_path / "models"
+    assert checkpoints(models) == {"model.pth", "by_score_1.pth", "by_score_2.pth", "end.pth"}
+    assert {p.name for p in (models / ".bestsave").iterdir()} == {"model", "by_score_epoch", "end"}
+    assert load_manifest(models, run="by_score_epoch").best.name == "by_score_1.pth"
+    with pytest.raises(ValueError, match="run"):
+        load_manifest(models)
+
+
+def test_a_model_pth_from_outside_bestsave_is_replaced_as_fastai_would(tmp_path):
+    learn, log = regression_learner(tmp_path, metrics=[Scripted([0.2, 0.9, 0.5])]), WeightLog()
+    learn.save("model")  # or a run of fastai's own SaveModelCallback
+    fit(learn, 3, cbs=[SaveBestModelCallback(monitor="score"), log])
+    assert checkpoints(tmp_path / "models") == {"model.pth"}
+    assert same(loaded(tmp_path, "model"), log.weights[1])
+
+
+class SaveModelSeen(Callback):
+    """Whether ``learn.save_model`` was the given callback at every epoch."""
+
+    def __init__(self, save: Callback) -> None:
+        self.save, self.seen = save, []
+
+    def after_epoch(self) -> None:
+        self.seen.append(getattr(self.learn, "save_model", None) is self.save)
+
+
+@pytest.mark.parametrize("cls", [SaveModelCallback, SaveBestModelCallback])
+def test_learn_save_model_is_the_callback(tmp_path, cls):
+    # Passed to Learner(cbs=...): learn.save_model during and after every fit.
+    save = cls()
+    learn = regression_learner(tmp_path, cbs=[save])
+    seen = SaveModelSeen(save)
+    fit(learn, 2, cbs=[seen])
+    assert seen.seen == [True, True] and learn.save_model is save
+    # Passed to one fit: learn.save_model during it; fastai removes it after.
+    save = cls()
+    learn = regression_learner(tmp_path / "fit")
+    seen = SaveModelSeen(save)
+    fit(learn, 2, cbs=[save, seen])
+    assert seen.seen == [True, True] and not hasattr(learn, "save_model")
+
+
+def test_the_callback_object_holds_the_best_after_fit(tmp_path):
+    save = SaveBestModelCallback()
+    learn = synth_learner(n_trn=2, path=tmp_path)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(3, cbs=[save])
+    losses = [v[1] for v in learn.recorder.values]
+    assert save.best_record.epoch == int(np.argmin(losses))
+    assert save.best_record.metrics["valid_loss"] == pytest.approx(min(losses))
+    assert save.best_record.path == str(tmp_path / "models" / "model.pth")
+
+
 # -- robustness ---------------------------------------------------------------------------------
 
 
@@ -471,7 +708,7 @@ def test_validate_after_fit_changes_nothing(tmp_path):
     save = SaveBestModelCallback(monitor="score")
     learn = regression_learner(tmp_path, metrics=[Scripted([0.1, 0.9, 0.2])], cbs=[save])
     fit(learn, 3)
-    folder = tmp_path / "models" / "model"
+    folder = tmp_path / "models"
     before, best_weights = files(folder), weights(learn)
     with torch.no_grad():
         learn.model.weight.add_(1.0)
@@ -529,10 +766,6 @@ def test_resume_keeps_the_earlier_best(tmp_path):
     fit(learn, 3, cbs=[first, log])
     earlier_best = log.weights[1]
 
-    with pytest.raises(RunExistsError):
-        again = regression_learner(tmp_path, metrics=[Scripted([0.6, 0.7])])
-        fit(again, 2, cbs=[SaveBestModelCallback(monitor="score")])
-
     # Restarted at epoch 1 (fastai skips epoch 0): the earlier best is still the one to beat.
     resumed = SaveBestModelCallback(monitor="score", resume=True)
     learn = regression_learner(tmp_path, metrics=[Scripted([0.0, 0.7, 0.8])])
@@ -540,6 +773,7 @@ def test_resume_keeps_the_earlier_best(tmp_path):
     assert resumed.best_record.score == 0.9 and resumed.best_record.epoch == 1
     assert resumed.saver.evaluations == 3 + 2 and resumed.saver.last_epoch == 2
     assert same(weights(learn), earlier_best)
+    assert same(loaded(tmp_path, "model"), earlier_best)
 
 
 def test_only_rank_zero_writes(tmp_path, monkeypatch):
@@ -547,7 +781,7 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
     rank0 = SaveBestModelCallback(monitor="score")
     learn = regression_learner(tmp_path, metrics=[Scripted(scores)])
     fit(learn, 3, cbs=[rank0])
-    folder = tmp_path / "models" / "model"
+    folder = tmp_path / "models"
     before = files(folder)
 
     # A second process of the same run: it reaches the same decisions, writes nothing, and
@@ -623,21 +857,56 @@ class _Evil:
 
 
 def test_arguments_are_checked_up_front():
-    assert SaveBestModelCallback().comp is np.less
-    assert SaveBestModelCallback(monitor="accuracy").comp is np.greater
-    assert SaveBestModelCallback(monitor="error_rate").comp is np.less
-    assert SaveBestModelCallback(monitor="my_metric").comp is np.greater  # fastai's rule
-    assert SaveBestModelCallback(monitor="rmse").comp is np.less  # fastai would maximise it
-    assert SaveBestModelCallback(monitor="accuracy", comp=np.less).comp is np.less
     with pytest.raises(ValueError, match="comp"):
         SaveBestModelCallback(comp=np.equal)
     with pytest.raises(ValueError, match="every_epoch and at_end"):
         SaveBestModelCallback(every_epoch=True, at_end=True)
+    with pytest.raises(ValueError, match="every_epoch must be"):
+        SaveBestModelCallback(every_epoch=-2)
     with pytest.raises(ValueError, match="top_k"):
         SaveBestModelCallback(top_k=-2)
     with pytest.raises(ValueError, match="patience"):
         SaveBestModelCallback(patience=0)
     with pytest.raises(ValueError, match="min_delta"):
         SaveBestModelCallback(min_delta=-0.1)
-    with pytest.raises(ValueError, match="fname"):
+    with pytest.raises(ValueError, match="fname must be a plain file name"):
         SaveBestModelCallback(fname="a/b")
+    with pytest.raises(ValueError, match="filename template"):
+        SaveBestModelCallback(filename="a/{epoch}")
+
+
+# -- the direction of the monitored value --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("monitor", "comp"),
+    [
+        ("valid_loss", np.less),
+        ("train_loss", np.less),
+        ("error_rate", np.less),
+        ("accuracy", np.greater),
+        ("matthews_corrcoef", np.greater),
+        ("roc_auc_score", np.greater),
+    ],
+)
+def test_mode_of_known_names_is_fastais_without_a_word(monitor, comp):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = SaveBestModelCallback(monitor=monitor)
+    assert ours.comp is comp is SaveModelCallback(monitor=monitor).comp
+
+
+@pytest.mark.parametrize("monitor", ["my_metric", "crossentropyloss", "top_errorness"])
+def test_mode_of_unknown_names_follows_fastai_with_a_warning(monitor):
+    with pytest.warns(BestSaveWarning, match=f"cannot tell from its name whether '{monitor}'"):
+        ours = SaveBestModelCallback(monitor=monitor)
+    assert ours.comp is SaveModelCallback(monitor=monitor).comp
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert SaveBestModelCallback(monitor=monitor, comp=np.less).comp is np.less
+
+
+def test_mode_of_errors_fastai_would_maximise_is_min():
+    # fastai maximises a name without "loss" or "error": its rmse metric, say.
+    assert SaveModelCallback(monitor="rmse").comp is np.greater
+    assert SaveBestModelCallback(monitor="rmse").comp is np.less

@@ -1,6 +1,7 @@
 """SaveBestModelCallback beside fastai's WandbCallback(log_model=True), W&B in offline mode.
 
-The run is read back from its ``.wandb`` file (a LevelDB-log stream of protobuf records).
+The run is read back from its ``.wandb`` file (a LevelDB-log stream of protobuf records), once
+W&B's service process, which writes it, has exited.
 """
 
 from __future__ import annotations
@@ -8,10 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import inspect
-import json
 import random
-import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,53 +25,9 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai_scripted import Scripted  # tests/ is on pytest's pythonpath
 from torch import nn
-from wandb.proto import wandb_internal_pb2
+from wandb_reader import read_run
 
 from bestsave.adapters.fastai import SaveBestModelCallback
-
-BLOCK, HEADER = 32768, 7
-
-
-def read_wandb(path: Path) -> list:
-    """Every record of a ``.wandb`` file: a 7-byte file header, then 32 KiB blocks of records
-    each with a 7-byte header (crc32c u32, length u16, type u8: 1 full, 2 first, 3 middle,
-    4 last)."""
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    records, parts, pos = [], b"", HEADER
-    while pos + HEADER <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < HEADER:  # the rest of a block is padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
-        if kind == 0:
-            pos += left
-            continue
-        payload = data[pos + HEADER : pos + HEADER + length]
-        pos += HEADER + length
-        if kind == 1:
-            records.append(payload)
-        elif kind == 2:
-            parts = payload
-        elif kind == 3:
-            parts += payload
-        elif kind == 4:
-            records.append(parts + payload)
-    return [wandb_internal_pb2.Record.FromString(r) for r in records]
-
-
-def read_finished(path: Path, timeout: float = 60.0) -> list:
-    """The records of a run's ``.wandb`` file once it holds the run's exit record (the W&B
-    service may still be writing it when ``wandb.finish()`` returns)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        records = read_wandb(path)
-        if any(r.WhichOneof("record_type") == "exit" for r in records):
-            return records
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} holds no exit record after {timeout} s")
-        time.sleep(0.2)
 
 
 def _init_args(o):
@@ -120,7 +74,7 @@ def test_wandb_callback_uploads_the_best_with_its_epochs_record(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    save = SaveBestModelCallback(monitor="score")
+    save = SaveBestModelCallback(monitor="score", comp=np.greater)
     learn = learner(tmp_path, [wandb_callback(log_preds=False, log_model=True), save])
 
     # WandbCallback found ours under the name it looks for and added no saver of its own.
@@ -133,20 +87,21 @@ def test_wandb_callback_uploads_the_best_with_its_epochs_record(
             learn.fit(4, lr=0.05)
     finally:
         wandb.finish()
+        # finish() can return while W&B's service process still writes the run's file (read
+        # then, its last record is cut short); teardown waits for that process to exit.
+        wandb.teardown()
     assert learn.wandb.log_model is True  # given back after the fit
+    assert learn.save_model is save  # passed to Learner(cbs=...): still there after fit
 
     best = save.best_record
-    assert best.epoch == 1
-    (stream,) = (tmp_path / "wandb").glob(f"offline-run-*-{run.id}/run-{run.id}.wandb")
-    records = read_finished(stream)
-    models = [r.artifact for r in records if r.artifact.type == "model"]
+    assert best.epoch == 1 and best.path == str(tmp_path / "models" / "model.pth")
+    models = read_run(tmp_path / "wandb", run.id).artifacts(type="model")
     assert len(models) == 1  # one saver, one upload
 
     (artifact,) = models
-    metadata = json.loads(artifact.metadata)
-    assert metadata["epoch"] == best.epoch and metadata["metrics"] == best.metrics
-    assert metadata["metrics"]["score"] == 0.9  # not the last epoch's 0.4, and not a string
+    assert artifact.metadata["epoch"] == best.epoch
+    assert artifact.metadata["metrics"] == best.metrics
+    assert artifact.metadata["metrics"]["score"] == 0.9  # not the last epoch's 0.4, nor a string
     assert artifact.name == "model" and "best" in artifact.aliases
-    (entry,) = artifact.manifest.contents
     md5 = base64.b64encode(hashlib.md5(Path(best.path).read_bytes()).digest()).decode()
-    assert entry.path == "model.pth" and entry.digest == md5
+    assert list(artifact.files) == ["model.pth"] and artifact.files["model.pth"].digest == md5

@@ -9,6 +9,7 @@ import textwrap
 import threading
 
 import pytest
+from runfiles import checkpoints, run_folder
 
 torch = pytest.importorskip("torch")
 
@@ -315,6 +316,92 @@ def test_closing_gives_up_a_finishing_write_the_newer_best_replaces(tmp_path, mo
     for key, value in weights.items():
         assert torch.equal(state["model"][key], value), key
     assert [r.epoch for r in load_manifest(tmp_path).kept] == [1]
-    assert not [n for n in os.listdir(tmp_path) if "epoch=000" in n or "tmp" in n]
-    history = (tmp_path / "history.jsonl").read_text().splitlines()
+    # Neither epoch 0's file, its record nor a temporary file is left, beside the checkpoints
+    # or in the run's own folder.
+    run = run_folder(tmp_path)
+    left = [*os.listdir(tmp_path), *os.listdir(run)]
+    assert not [n for n in left if "epoch=000" in n or "tmp" in n]
+    history = (run / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in history] == [0, 1]
+
+
+# -- runs in a directory: the core's rules, the files in .bestsave/<run>/ ---------------------
+
+
+def fit(ckpt, losses, model=None, optimizer=None, start=0):
+    """Step ``ckpt`` through ``losses`` (one per epoch from ``start``) and close it."""
+    if model is None:
+        model, optimizer, _ = tiny_setup()
+    for epoch, loss in enumerate(losses, start):
+        ckpt.step(epoch, {"val_loss": loss}, model=model, optimizer=optimizer)
+    ckpt.close()
+    return ckpt
+
+
+def test_another_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    from bestsave import BestSaveWarning, RunExistsError
+
+    first = fit(TorchCheckpointer(tmp_path, monitor="val_loss", save_last=True), [0.5, 0.3])
+    kept = first.best.name
+    assert checkpoints(tmp_path) == {kept, "last.pth"}
+    assert (run_folder(tmp_path) / f"{kept[: -len('.pth')]}.json").is_file()
+    with pytest.raises(RunExistsError, match="resume=True"):
+        TorchCheckpointer(tmp_path, monitor="val_loss", save_last=True)
+    assert load_best(tmp_path).name == kept  # refused, and nothing touched
+
+    with pytest.warns(BestSaveWarning, match="stays whole until"):
+        fresh = TorchCheckpointer(tmp_path, monitor="val_loss", save_last=True, overwrite=True)
+    model, optimizer, _ = tiny_setup()
+    assert fresh.restore(model, optimizer) == 0  # a new run
+    assert load_best(tmp_path).name == kept  # the earlier run is whole until the first commit
+    fit(fresh, [0.9], model, optimizer)
+    assert load_best(tmp_path).epoch == 0 and load_best(tmp_path).score == 0.9
+    assert checkpoints(tmp_path) == {"epoch=000-val_loss=0.9000.pth", "last.pth"}
+
+
+def test_runs_named_apart_share_a_directory(tmp_path):
+    fit(TorchCheckpointer(tmp_path, monitor="val_loss", name="a"), [0.5, 0.3])
+    fit(TorchCheckpointer(tmp_path, monitor="val_loss", name="b", filename="b-{epoch}"), [0.4])
+    assert sorted(p.name for p in (tmp_path / ".bestsave").iterdir()) == ["a", "b"]
+    assert load_best(tmp_path, run="a").epoch == 1
+    assert load_best(tmp_path, run="b").name == "b-0.pth"
+    with pytest.raises(ValueError, match="run="):
+        load_best(tmp_path)
+    # Another rank reads its own run's best from the directory.
+    model, _, _ = tiny_setup()
+    other = TorchCheckpointer(tmp_path, monitor="val_loss", name="b", resume=True, rank=1)
+    assert other.load_best(model).name == "b-0.pth"
+
+
+def test_resume_warns_when_the_directory_holds_only_differently_named_runs(tmp_path):
+    from bestsave import BestSaveWarning
+
+    fit(TorchCheckpointer(tmp_path, monitor="val_loss", save_last=True), [0.5])
+    ckpt = TorchCheckpointer(
+        tmp_path, monitor="val_loss", save_last=True, resume=True, filename="{epoch}"
+    )
+    model, optimizer, _ = tiny_setup()
+    with pytest.warns(BestSaveWarning, match="no run named 'epoch' to resume"):
+        assert ckpt.restore(model, optimizer) == 0
+
+
+def test_an_exception_right_after_restore_keeps_the_restored_epochs_state(tmp_path):
+    model, optimizer, _ = tiny_setup()
+    first = TorchCheckpointer(tmp_path, monitor="val_loss", save_last=True)
+    fit(first, [0.5, 0.4, 0.6], model, optimizer)
+    ckpt = TorchCheckpointer(tmp_path, monitor="val_loss", save_last=True, resume=True)
+    model2, optimizer2, _ = tiny_setup()
+    with pytest.raises(RuntimeError, match="data loader"), ckpt:
+        assert ckpt.restore(model2, optimizer2) == 3
+        raise RuntimeError("data loader died")
+    record = next(r for r in load_manifest(tmp_path).kept if r.kind == "exception")
+    assert record.name == "exception-epoch=002.pth" and record.epoch == 2
+    state = torch.load(record.path, weights_only=True)
+    assert state["epoch"] == 2
+    assert torch.equal(state["model"]["weight"], model.weight.detach())
+    assert (run_folder(tmp_path) / "exception-epoch=002.json").is_file()
+    # Resuming again starts after the last committed epoch; the exception file stays kept.
+    again = TorchCheckpointer(tmp_path, monitor="val_loss", save_last=True, resume=True)
+    assert again.restore(*tiny_setup()[:2]) == 3
+    assert "exception-epoch=002.pth" in {r.name for r in again.kept}
+    again.close()

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from bestsave import Manifest, fetch, load_manifest
+from bestsave.layout import META, RunFiles
 from bestsave.store import TMP_PREFIX, open_store
 from bestsave.verify import verify
 
@@ -34,8 +35,14 @@ def names(dirpath: str | os.PathLike[str], **storage_options: Any) -> list[str]:
 
 
 def leftovers(dirpath: str | os.PathLike[str], **storage_options: Any) -> list[str]:
-    """Temporary files of interrupted writes."""
-    return [n for n in names(dirpath, **storage_options) if n.startswith(TMP_PREFIX)]
+    """Temporary files of interrupted writes: in the directory itself (where none should ever
+    be) and in each run's folder, ``.bestsave/<run>/``, where they are written."""
+    store = open_store(os.fspath(dirpath), **storage_options)
+    found = [n for n in store.names() if n.startswith(TMP_PREFIX)]
+    for run in store.folders(META):
+        folder = RunFiles(run).folder
+        found += [f"{folder}/{n}" for n in store.names(folder) if n.startswith(TMP_PREFIX)]
+    return found
 
 
 def assert_intact(dirpath: str | os.PathLike[str], **storage_options: Any) -> Manifest:

@@ -36,6 +36,7 @@ from bestsave import (
     load_manifest,
 )
 from bestsave.adapters.torch import TorchCheckpointer
+from bestsave.layout import MANIFEST
 from bestsave.verify import load_history, verify
 
 from .conftest import assert_intact, crash_problems, leftovers
@@ -214,7 +215,7 @@ STORE_FAULTS: dict[str, tuple[str, int, Callable[[tuple], bool] | None]] = {
     # the history line cannot be appended
     "history": ("append_text", errno.ENOSPC, None),
     # the commit point itself: the disk fills while the manifest is written
-    "manifest": ("write_text", errno.ENOSPC, lambda args: args[0] == "bestsave.json"),
+    "manifest": ("write_text", errno.ENOSPC, lambda args: Path(args[0]).name == MANIFEST),
     # the rename into place, after the commit, fails
     "rename": ("rename", errno.EIO, None),
 }

@@ -35,7 +35,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from runfiles import run_folder
+
 from bestsave import BestSaver, fetch
+from bestsave.layout import HISTORY, LOCK, META, RunFiles, run_name, runs_in
+from bestsave.naming import DEFAULT_TEMPLATE
+from bestsave.store import TMP_PREFIX, open_store
 from bestsave.verify import load_history, verify
 
 from .conftest import SCRIPTS, assert_intact, crash_problems, leftovers, names
@@ -68,7 +73,8 @@ class Where(NamedTuple):
         return Where(f"{self.url.rstrip('/')}/{name}", self.options, self.epochs)
 
     def has_run(self) -> bool:
-        return "bestsave.json" in names(self.url, **self.options)
+        """A manifest has been committed (in ``.bestsave/<run>/``)."""
+        return bool(runs_in(open_store(self.url, **self.options)))
 
 
 class Child:
@@ -123,13 +129,18 @@ class Child:
 def check_after_kill(where: Where) -> bool:
     """Nothing committed is lost; returns whether the kill interrupted a write."""
     if not where.has_run():
-        # Killed before the first commit: only temporary files and the lock may be there.
+        # Killed before the first commit: no checkpoint is in place yet, and the run's folder
+        # holds only temporary files, the lock and the history the next start truncates.
+        checkpoints = names(where.url, **where.options)
+        assert checkpoints == [], f"files outside any commit: {checkpoints}"
+        store = open_store(where.url, **where.options)
         stray = [
-            n
-            for n in names(where.url, **where.options)
-            if not n.startswith(".bestsave-tmp-") and n != "bestsave.lock"
+            f"{run}/{n}"
+            for run in store.folders(META)
+            for n in store.names(RunFiles(run).folder)
+            if not n.startswith(TMP_PREFIX) and n not in (LOCK, HISTORY)
         ]
-        assert stray in ([], ["history.jsonl"]), f"files outside any commit: {stray}"
+        assert stray == [], f"files outside any commit: {stray}"
         return bool(leftovers(where.url, **where.options))
     assert_intact(where.url, **where.options)
     assert crash_problems(where.url, **where.options) == []
@@ -318,7 +329,8 @@ def test_a_run_killed_before_its_first_commit_leaves_no_history_to_the_next_run(
     """The history line of an evaluation that was never committed must not become part of the
     run started next in the same directory."""
     crash(tmp_path, "before-first-commit")
-    assert not (tmp_path / "bestsave.json").exists()
+    assert (run_folder(tmp_path, run_name(DEFAULT_TEMPLATE, "val_loss")) / HISTORY).exists()
+    assert not runs_in(open_store(tmp_path))  # no manifest: the crash came before it
     saver = BestSaver(tmp_path, monitor="val_loss", save_last=True, resume=True, trackers=())
     saver.step(0, {"val_loss": 0.5}, write=lambda p: open(p, "w").write("epoch 0"))
     saver.close()

@@ -34,6 +34,8 @@ from bestsave import (
     load_manifest,
 )
 from bestsave.adapters.torch import TorchCheckpointer
+from bestsave.layout import RunFiles, run_name
+from bestsave.naming import DEFAULT_TEMPLATE
 from bestsave.verify import load_history, verify
 
 from .conftest import assert_intact, crash_problems
@@ -115,11 +117,12 @@ def test_top_k_eviction_last_and_checksums_on_s3(bucket, async_write):
         (5, "periodic"),
     ]
     kept = {r.name for r in manifest.kept}
-    sidecars = {n[: -len(".bin")] + ".json" for n in kept}
-    # Evicted files and every temporary object are gone; the lock is released at close.
-    assert bucket.objects() == sorted(
-        kept | sidecars | {"last.bin", "bestsave.json", "history.jsonl"}
-    )
+    files = RunFiles(run_name(DEFAULT_TEMPLATE, "val_acc"), ".bin")
+    sidecars = {files.sidecar(n) for n in kept}
+    assert sidecars == {f"{files.folder}/{n[: -len('.bin')]}.json" for n in kept}
+    # Evicted files and every temporary object are gone; the lock is released at close. The
+    # checkpoints are in the directory, the run's own files in .bestsave/<run>/.
+    assert bucket.objects() == sorted(kept | sidecars | {"last.bin", files.manifest, files.history})
     best = load_best(bucket.url(), **bucket.options)
     assert best.epoch == 5 and best.metrics["loss"] == pytest.approx(0.1)
     assert open(fetch(best, **bucket.options)).read() == "e5"
@@ -157,11 +160,10 @@ def test_a_manifest_rewritten_elsewhere_is_read_afresh_on_s3(bucket):
     saver.close()
     assert verify(url, **bucket.options) == []  # lists the run: the listing is cached
     # The training process (another client) commits a new evaluation.
-    manifest = json.loads(bucket.body("run/bestsave.json"))
+    key = f"run/{RunFiles(run_name(DEFAULT_TEMPLATE, 'val_acc')).manifest}"
+    manifest = json.loads(bucket.body(key))
     manifest["state"]["evaluations"] = 2
-    bucket.client.put_object(
-        Bucket=bucket.name, Key="run/bestsave.json", Body=json.dumps(manifest).encode()
-    )
+    bucket.client.put_object(Bucket=bucket.name, Key=key, Body=json.dumps(manifest).encode())
     assert load_manifest(url, **bucket.options).state["evaluations"] == 2
 
 

@@ -439,3 +439,36 @@ def test_hyperparameters_that_json_cannot_hold_are_recorded_as_text(tmp_path):
     saver = BestSaver(tmp_path, monitor="val_acc", hparams={"lr": float("nan"), "obj": object})
     drive(saver, [0.5])
     assert load_best(tmp_path).run["hparams"]["lr"] == "nan"
+
+
+def test_a_file_not_of_this_run_is_versioned_or_replaced(tmp_path):
+    (tmp_path / "model.pt").write_text("saved by hand")
+    versioned = BestSaver(tmp_path / ".", monitor="val_acc", filename="model", extension=".pt")
+    drive(versioned, [0.5])
+    assert versioned.best.name == "model-v1.pt"
+    assert (tmp_path / "model.pt").read_text() == "saved by hand"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.pt").write_text("saved by hand")
+    replacing = BestSaver(other, monitor="val_acc", filename="model", extension=".pt",
+                          version_names=False)  # fmt: skip
+    drive(replacing, [0.5])
+    assert replacing.best.name == "model.pt" and (other / "model.pt").read_text() == "epoch 0"
+
+
+def test_a_replacing_run_keeps_the_earlier_best_until_it_keeps_a_checkpoint(tmp_path):
+    drive(BestSaver(tmp_path, monitor="val_acc", save_last=True), [0.9])
+    with pytest.warns(BestSaveWarning):
+        new = BestSaver(tmp_path, monitor="val_acc", save_last=True, overwrite=True)
+    # A NaN first epoch writes no last over the earlier run's; an exception's state is kept.
+    new.step(0, {"val_acc": float("nan")}, write=writer("nan epoch"))
+    new.save_exception(0, writer("state at the error"))
+    new.flush()
+    assert load_best(tmp_path).score == 0.9
+    assert (tmp_path / "last").read_text() == "epoch 0"
+    assert (tmp_path / "exception-epoch=000").read_text() == "state at the error"
+    drive(new, [0.5], start=1)
+    manifest = load_manifest(tmp_path)
+    assert manifest.best.score == 0.5 and manifest.last.epoch == 1
+    assert [r.kind for r in manifest.kept] == ["best", "exception"]
+    assert checkpoints(tmp_path) == {"epoch=001-val_acc=0.5000", "exception-epoch=000", "last"}

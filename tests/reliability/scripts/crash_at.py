@@ -1,6 +1,7 @@
 """Die (``os._exit``, as abruptly as SIGKILL) at one chosen instant of a save.
 
     python crash_at.py DIR before-first-commit   # history appended, first manifest never written
+                                                 # (DIR/.bestsave/<run>/bestsave.json)
     python crash_at.py DIR after-commit          # epoch 2's manifest written, nothing renamed yet
 
 DIR may be a URL (``s3://bucket/run``); a third argument gives its fsspec options as JSON. The
@@ -17,6 +18,7 @@ from typing import Any
 
 import bestsave.store
 from bestsave import BestSaver
+from bestsave.layout import MANIFEST
 
 SCORES = [0.5, 0.4, 0.3]
 
@@ -27,7 +29,7 @@ def main(dirpath: str, point: str, storage_options: dict[str, Any]) -> None:
         write_text, rename = store.write_text, store.rename
 
         def dying_write_text(self: Any, name: str, text: str, write_text: Any = write_text) -> None:
-            if point == "before-first-commit" and name == "bestsave.json":
+            if point == "before-first-commit" and name.rsplit("/", 1)[-1] == MANIFEST:
                 os._exit(9)
             write_text(self, name, text)
 

@@ -160,9 +160,10 @@ def train_lightning(
 
     options = storage_options or {}
     try:
-        last = load_manifest(dirpath, **options).last
+        manifest = load_manifest(dirpath, **options)
     except FileNotFoundError:
-        last = None
+        manifest = None
+    last = manifest.last if manifest is not None else None
     checkpoint = BestCheckpoint(
         dirpath,
         **OPTIONS,
@@ -180,14 +181,16 @@ def train_lightning(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    if last is not None and last.epoch + 1 >= epochs:
+    if manifest is not None and last is not None and last.epoch + 1 >= epochs:
         # Killed after the last evaluation was committed. A fit resumed at max_epochs returns
         # before on_train_start, so BestCheckpoint would never take the directory over and
-        # finish that commit: open the run as it does, to the same effect.
+        # finish that commit: open the run (by its name in .bestsave/) as it does, to the same
+        # effect.
         BestSaver(
             dirpath,
             "val_loss",
             resume=True,
+            name=manifest.name,
             extension=BestCheckpoint.FILE_EXTENSION,
             trackers=(),
             storage_options=storage_options,
