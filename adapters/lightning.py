@@ -2,9 +2,10 @@
 
 Swap the class and change nothing else: the Trainer takes it as its checkpoint callback,
 ``ckpt_path="best"`` and ``ckpt_path="last"`` resolve to its files, loggers read the attributes
-they know (``best_model_path``, ``best_k_models``, ...). Every decision (what to keep, what to
-evict, when to stop) is made by :class:`bestsave.BestSaver`, and every kept checkpoint carries
-everything logged at its epoch.
+they know (``best_model_path``, ``best_k_models``, ...). ``ModelCheckpoint``'s own hooks decide
+*when* to evaluate (every epoch, every n steps, after validation, before a manual optimiser
+step); :class:`bestsave.BestSaver` decides *what* to keep, evict and when to stop, and every kept
+checkpoint carries everything logged at its epoch.
 
 Example:
     >>> import lightning as L  # doctest: +SKIP
@@ -22,8 +23,7 @@ from __future__ import annotations
 import math
 import os
 import string
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -31,31 +31,35 @@ from weakref import proxy
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged
+from bestsave.layout import run_name
 from bestsave.metrics import as_number
-from bestsave.monitor import resolve_mode
+from bestsave.monitor import infer_mode
 from bestsave.naming import sanitize
 from bestsave.policy import Smooth
 from bestsave.saver import Writer, check_options
 from bestsave.staging import Snapshot, Stager
 
-__all__ = ["BestCheckpoint"]
+__all__ = ["BestCheckpoint", "MonitorNotLoggedError"]
 
 _RANKED = ("best", "top_k", "ensemble")
 _LISTEN: tuple[str, Any] = ("", None)  # what ranks other than 0 pass to a broadcast they receive
 _warning_cache = WarningCache()
 
 
+class MonitorNotLoggedError(MisconfigurationException, MissingMetricError):
+    """A monitored metric is not logged: Lightning's error, which names what was logged."""
+
+
 class _View(NamedTuple):
-    """What every rank needs to know after an evaluation: global rank 0's saver, in brief."""
+    """What every rank needs to know after a save: global rank 0's saver, in brief."""
 
     decision: Decision | None
     best: Record | None
@@ -78,31 +82,32 @@ class BestCheckpoint(ModelCheckpoint):
             directory; ``best_model_path`` and the other attributes follow the first.
         verbose: Log every evaluation's outcome, in Lightning's words.
         save_last: ``True`` or ``"link"``: a rolling ``last.ckpt`` with the full training state,
-            written at every evaluation (a hard link to a kept file holding the same state).
+            written at every evaluation (so that a fit resumed from it replays none) and at the
+            end of training, as a hard link to the checkpoint saved at the same step when that
+            holds the same state.
         save_top_k: Keep the k best (-1: every valid score, 0: none). Default 1, or no cap when
             ``delta`` is set (with ``delta`` it caps the ensemble).
-        save_on_exception: Keep a checkpoint (``exception-epoch=NNN.ckpt``) when training raises.
-        save_weights_only: Kept files hold the weights alone; ``last.ckpt`` keeps the full
-            training state so a run can always resume.
+        save_on_exception: Keep a checkpoint named by ``filename`` when training raises.
+        save_weights_only: Kept files hold the weights alone.
         mode: ``"min"``, ``"max"``, or ``"auto"`` (from the metric's name: ``val_loss`` is min,
-            ``val_acc`` max; a name it cannot read raises and asks for ``mode``).
+            ``val_acc`` max; a name it cannot read is min, Lightning's default, with a warning).
         auto_insert_metric_name: ``"{epoch}"`` becomes ``"epoch=3"``, as in Lightning.
         every_n_train_steps: Evaluate every n training steps.
         train_time_interval: Evaluate when this much time has passed since the last evaluation.
         every_n_epochs: Evaluate every n epochs (default 1 when no other trigger is set; 0 never).
         save_on_train_epoch_end: Evaluate at the end of the training epoch (``True``) or of
             validation (``False``); by default Lightning's rule picks.
-        enable_version_counter: Accepted for compatibility. bestsave never overwrites a kept
-            file: a name already taken always gets ``-v1``, ``-v2``.
+        enable_version_counter: A name another file already holds gets ``-v1``, ``-v2``; with
+            False the new checkpoint replaces that file, as in Lightning.
         min_delta: An improvement must beat the best by more than this.
         delta: Keep every checkpoint within ``delta`` of the best (a near-best ensemble).
         patience: Stop training (``trainer.should_stop``) after this many evaluations without
             improvement.
         keep_every_n_epochs: Also keep epochs n-1, 2n-1, ... (0-based), whatever their score.
-        resume: Continue the run whose manifest is in ``dirpath``. Resuming a fit from a
+        resume: Continue the run whose records are in ``dirpath``. Resuming a fit from a
             checkpoint this callback wrote (``trainer.fit(ckpt_path=...)``) continues its run
-            without it.
-        overwrite: Delete the files another run's manifest lists in ``dirpath`` and start afresh.
+            without it. Otherwise a new fit starts a new run there, replacing the earlier run's
+            files once it has kept its first checkpoint (with a warning naming that run).
         trackers: ``"auto"`` (a W&B or MLflow run already active, e.g. a ``WandbLogger``'s),
             ``"wandb"``, ``"mlflow"``, or tracker objects told of every kept checkpoint.
         baseline: A score must beat this to be best or kept.
@@ -120,10 +125,11 @@ class BestCheckpoint(ModelCheckpoint):
             every metric logged at that evaluation, hyperparameters.
 
     Checkpoints are Lightning checkpoints: they load with ``Model.load_from_checkpoint`` and
-    resume with ``trainer.fit(ckpt_path=...)``. Beside them bestsave writes ``bestsave.json``
-    (the manifest), ``history.jsonl`` and one ``.json`` record per checkpoint. Strategies whose
-    checkpoints are single files work (single device, DDP, FSDP with ``state_dict_type="full"``);
-    sharded checkpoint directories (DeepSpeed, sharded FSDP) are refused at setup.
+    resume with ``trainer.fit(ckpt_path=...)``. bestsave's own records (the manifest, the
+    history and one record per checkpoint) are in ``dirpath/.bestsave/<run>/``, the run named
+    after ``filename`` and the monitor. Strategies whose checkpoints are single files work
+    (single device, DDP, FSDP with ``state_dict_type="full"``); sharded checkpoint directories
+    (DeepSpeed, sharded FSDP) are refused at setup.
     """
 
     def __init__(
@@ -149,7 +155,6 @@ class BestCheckpoint(ModelCheckpoint):
         patience: int | None = None,
         keep_every_n_epochs: int | None = None,
         resume: bool = False,
-        overwrite: bool = False,
         trackers: str | Sequence[Any] = "auto",
         baseline: float | None = None,
         smooth: Smooth = None,
@@ -164,17 +169,15 @@ class BestCheckpoint(ModelCheckpoint):
         ):
             raise ValueError(f"save_top_k must be an int >= -1 or None, not {save_top_k!r}")
         # Without a monitor, ModelCheckpoint keeps the latest checkpoints: the same as monitoring
-        # the global step, higher is better.
-        # Several monitors each keep their best; Lightning's attributes follow the first.
-        self._monitors = (
-            ["step"]
-            if monitor is None
-            else [monitor]
-            if isinstance(monitor, str)
-            else list(monitor)
-        )
+        # the global step, higher is better. Several monitors each keep their best;
+        # Lightning's attributes follow the first.
+        if monitor is None:
+            self._monitors = ["step"]
+        elif isinstance(monitor, str):
+            self._monitors = [monitor]
+        else:
+            self._monitors = list(monitor)
         self._monitor_name = self._monitors[0]
-        resolved_mode = "max" if monitor is None else resolve_mode(self._monitor_name, mode)
         super().__init__(
             dirpath=dirpath,
             filename=filename,
@@ -184,7 +187,7 @@ class BestCheckpoint(ModelCheckpoint):
             save_top_k=_lightning_top_k(save_top_k, delta),
             save_on_exception=save_on_exception,
             save_weights_only=save_weights_only,
-            mode=resolved_mode,
+            mode=_mode(self._monitor_name, mode) if monitor else _unused_mode(mode),
             auto_insert_metric_name=auto_insert_metric_name,
             every_n_train_steps=every_n_train_steps,
             train_time_interval=train_time_interval,
@@ -193,26 +196,18 @@ class BestCheckpoint(ModelCheckpoint):
             enable_version_counter=enable_version_counter,
         )
         self._top_k = save_top_k
-        self._template = self._bestsave_template(filename or "{epoch}-{step}")
         # The core's own checks, now rather than at the first evaluation.
         check_options(
             min_delta=min_delta, top_k=save_top_k, delta=delta,
             keep_every_n_epochs=keep_every_n_epochs, patience=patience,
-            save_last=save_last or False, filename=self._template, baseline=baseline,
-            smooth=smooth, tie_break=tie_break, warmup=warmup, async_write=async_write,
-            on_write_error=on_write_error,
+            filename=self._template(), baseline=baseline, smooth=smooth, tie_break=tie_break,
+            warmup=warmup, async_write=async_write, on_write_error=on_write_error,
         )  # fmt: skip
-        if not enable_version_counter:
-            rank_zero_warn(
-                "BestCheckpoint(enable_version_counter=False): bestsave never overwrites a kept "
-                "checkpoint, so a name already taken still gets a -v1 suffix"
-            )
         self.min_delta = min_delta
         self.delta = delta
         self.patience = patience
         self.keep_every_n_epochs = keep_every_n_epochs
         self.resume = resume
-        self.overwrite = overwrite
         self.trackers = trackers if isinstance(trackers, str) else list(trackers)
         self.baseline = baseline
         self.smooth = smooth
@@ -222,20 +217,52 @@ class BestCheckpoint(ModelCheckpoint):
         self.on_write_error = on_write_error
         self.storage_options = dict(storage_options or {})
         self.best_record: Record | None = None
+        self._init_state()
 
+    def _init_state(self) -> None:
+        """State of a fit (the saver is not pickled with the callback: ``ddp_spawn``,
+        ``copy.deepcopy``)."""
         self._saver: BestSaver | None = None
         self._restored: dict[str, Any] | None = None
         self._staged = True
-        self._stager = Stager()
-        self._last_global_step_checked = 0  # no evaluation before a training step
-        self._defer_until_validation = False
+        self._evaluated_at: int | None = None
+        self._current: Any = None  # the monitored value of the evaluation being saved
+        self._last_written_at: int | None = None
 
-    def _bestsave_template(self, filename: str) -> str:
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_saver", "_stager"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._saver = None
+
+    @property
+    def _staging(self) -> Stager:
+        """The host buffers of this callback's snapshots, made at the first use (a callback
+        that is pickled before training has none)."""
+        stager: Stager | None = self.__dict__.get("_stager")
+        if stager is None:
+            stager = self._stager = Stager()
+        return stager
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key, so a checkpoint written with either class restores the other.
+        key = super().state_key
+        if type(self) is BestCheckpoint:
+            key = key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+        return key
+
+    def _template(self, filename: str | None = None) -> str:
         """Lightning's ``filename`` as a bestsave template, ``auto_insert_metric_name`` applied.
 
-        >>> BestCheckpoint(monitor="val/loss")._bestsave_template("{epoch:02d}-{val/loss:.2f}")
+        >>> BestCheckpoint(monitor="val/loss")._template("{epoch:02d}-{val/loss:.2f}")
         'epoch={epoch:02d}-val_loss={val/loss:.2f}'
         """
+        filename = filename or self.filename or "{epoch}" + self.CHECKPOINT_JOIN_CHAR + "{step}"
         parts = []
         for literal, field, spec, conversion in string.Formatter().parse(filename):
             parts.append(literal.replace("{", "{{").replace("}", "}}"))
@@ -253,31 +280,24 @@ class BestCheckpoint(ModelCheckpoint):
             )
         return "".join(parts)
 
-    # -- where and how to write ------------------------------------------------------------
+    def _fields(self, template: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Template fields no metric fills: 0, as Lightning names them."""
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        return {f: 0 for f in names - set(metrics) - {"epoch", "step"}}
+
+    # -- opening the run -----------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        dirpath = trainer.strategy.broadcast(self._resolve_dirpath(trainer))
-        if _is_local_file_protocol(dirpath):
-            dirpath = os.path.realpath(os.path.expanduser(dirpath))
-        self.dirpath = dirpath
-        self._fs = get_filesystem(dirpath)
+        super().setup(trainer, pl_module, stage)
         if stage == "fit":
             _check_single_file_checkpoints(trainer.strategy)
 
-    def _resolve_dirpath(self, trainer: pl.Trainer) -> str:
-        """``dirpath``, or where ``ModelCheckpoint`` would put checkpoints."""
-        if self.dirpath is not None:
-            return os.fspath(self.dirpath)
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
-            version = logger.version
-            version = version if isinstance(version, str) else f"version_{version}"
-            return os.path.join(save_dir, str(logger.name), version, "checkpoints")
-        return os.path.join(trainer.default_root_dir, "checkpoints")
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_time_checked = time.monotonic()
+        super().on_train_start(trainer, pl_module)
+        if not trainer.fast_dev_run:  # type: ignore[attr-defined]  # which saves nothing
+            self._open(trainer, pl_module)
+
+    def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> BestSaver:
         # Strategies that save the way Strategy does (global rank 0 writes what
         # dump_checkpoint returns, with no collective call) let rank 0 snapshot the state
         # alone and serialize it later; any other strategy saves through
@@ -292,18 +312,19 @@ class BestCheckpoint(ModelCheckpoint):
         )
         if self._staged and trainer.is_global_zero:
             # The first save then copies into buffers allocated while the first epoch trains.
-            self._stager.reserve({"state_dict": pl_module.state_dict()})
+            self._staging.reserve({"state_dict": pl_module.state_dict()})
         if self._saver is not None and self._saver.dirpath == self._store_url():
-            return  # a second fit() with this callback continues its run
-        self._saver = self._open_saver(trainer, pl_module)
+            return self._saver  # a second fit() with this callback continues its run
+        self._saver = self._new_saver(trainer, pl_module)
         self._restored = None
         self._apply(self._share(trainer, self._local_view(None)))
+        return self._saver
 
     def _store_url(self) -> str:
         path = os.fspath(self.dirpath or "")
         return os.path.abspath(path) if _is_local_file_protocol(path) else path.rstrip("/")
 
-    def _open_saver(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> BestSaver:
+    def _new_saver(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> BestSaver:
         resume = self.resume
         # Only a fit resumed from a checkpoint continues that checkpoint's run; test() and
         # validate() load callback state too.
@@ -323,16 +344,23 @@ class BestCheckpoint(ModelCheckpoint):
             saver = BestSaver(
                 os.fspath(self.dirpath or ""),
                 self._monitors,
-                mode=self.mode if len(self._monitors) == 1 else _modes(self._monitors, self.mode),
+                # Without a monitor, the latest checkpoints: the highest step.
+                mode=[self.mode if self.monitor else "max"]
+                + [_mode(m, "auto") for m in self._monitors[1:]],
                 min_delta=self.min_delta,
                 top_k=self._top_k,
                 delta=self.delta,
                 keep_every_n_epochs=self.keep_every_n_epochs,
-                save_last=self.save_last or False,
+                # last follows every evaluation (not only saves, as in ModelCheckpoint), in the
+                # evaluation's own commit: a fit resumed from it replays nothing already judged.
+                save_last=bool(self.save_last),
                 patience=self.patience,
-                filename=self._template,
+                filename=self._template(),
+                # Lightning versions clashing names (-v1), so callbacks that differ only in
+                # their monitor share a directory as separate runs.
+                name=f"{run_name(self._template())}.{self.monitor or 'latest'}",
                 resume=resume,
-                overwrite=self.overwrite,
+                overwrite=not resume,  # a second fit in the same place starts afresh
                 trackers=self.trackers,
                 baseline=self.baseline,
                 smooth=self.smooth,
@@ -341,6 +369,8 @@ class BestCheckpoint(ModelCheckpoint):
                 async_write=self.async_write and not _uploads_every_save(trainer),
                 on_write_error=self.on_write_error,
                 extension=self.FILE_EXTENSION,
+                last_name=self._template(self.CHECKPOINT_NAME_LAST),
+                version_names=self._enable_version_counter,
                 writer=trainer.is_global_zero,
                 framework="lightning",
                 hparams=_hparams(trainer, pl_module),
@@ -357,7 +387,9 @@ class BestCheckpoint(ModelCheckpoint):
         assert saver is not None
         return saver
 
-    def _writer(self, trainer: pl.Trainer, weights_only: bool, announce: bool) -> Writer | Staged:
+    # -- writing ----------------------------------------------------------------------------
+
+    def _writer(self, trainer: pl.Trainer, weights_only: bool) -> Writer | Staged:
         """Writes the checkpoint Lightning would write with ``trainer.save_checkpoint``."""
         if self._staged:
             checkpoint_io = trainer.strategy.checkpoint_io
@@ -378,7 +410,8 @@ class BestCheckpoint(ModelCheckpoint):
             )
 
         def write(path: str) -> None:
-            if announce and trainer.world_size > 1:
+            self._apply_now()
+            if trainer.world_size > 1:
                 # The other ranks wait in _follow(); they join this save's collective calls.
                 trainer.strategy.broadcast(("save", (path, weights_only)))
             trainer.save_checkpoint(path, weights_only)
@@ -386,73 +419,151 @@ class BestCheckpoint(ModelCheckpoint):
         return write
 
     def _capture(self, trainer: pl.Trainer, weights_only: bool) -> Snapshot:
+        self._apply_now()
         with trainer.profiler.profile("save_checkpoint"):  # type: ignore[attr-defined]
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
-            return self._stager.snapshot(checkpoint)
+            return self._staging.snapshot(checkpoint)
 
-    # -- when to evaluate --------------------------------------------------------------------
+    def _on_all_ranks(self, trainer: pl.Trainer, save: Callable[[], Decision | None]) -> _View:
+        """Run ``save`` with global rank 0's saver, the other ranks joining the collective calls
+        of its writes; every rank returns rank 0's view."""
+        if trainer.is_global_zero:
+            try:
+                decision = save()
+            except BaseException as e:
+                if trainer.world_size > 1:
+                    trainer.strategy.broadcast(("error", repr(e)))
+                raise
+            view = self._local_view(decision)
+            if trainer.world_size > 1:
+                trainer.strategy.broadcast(("done", view))
+            return view
+        save()  # the same decisions; nothing written
+        while True:
+            kind, payload = trainer.strategy.broadcast(_LISTEN)
+            if kind == "save":
+                path, weights_only = payload
+                trainer.save_checkpoint(path, weights_only)
+            elif kind == "error":
+                raise RuntimeError(f"global rank 0 failed to save a checkpoint: {payload}")
+            else:
+                return payload  # type: ignore[no-any-return]
 
-    def _should_skip(self, trainer: pl.Trainer) -> bool:
-        return (
-            bool(trainer.fast_dev_run)  # type: ignore[attr-defined]
-            or trainer.state.fn != TrainerFn.FITTING
-            or trainer.sanity_checking
-            or self._saver is None
-            or self._last_global_step_checked == trainer.global_step  # judged at this step
-        )
+    # -- what ModelCheckpoint's hooks call -------------------------------------------------------
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: STEP_OUTPUT,
-        batch: Any,
-        batch_idx: int,
+    def _save_topk_checkpoint(
+        self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]
     ) -> None:
-        """Evaluate every ``every_n_train_steps`` steps or ``train_time_interval``."""
-        if self._should_skip(trainer):
+        """One evaluation: the saver judges it, keeps and evicts."""
+        saver = self._saver
+        if saver is None or self._evaluated_at == trainer.global_step:
+            return  # judged at this step already (patience counts evaluations)
+        metrics = self._metrics(trainer)
+        if trainer.world_size > 1:
+            # Every rank judges rank 0's values: unsynced logging must not split decisions.
+            metrics = trainer.strategy.broadcast(metrics)
+        missing = next((m for m in self._monitors if m not in metrics), None)
+        if missing is not None:
+            error = MonitorNotLoggedError(missing, list(metrics))
+            if trainer.fit_loop.epoch_loop.val_loop._has_run:
+                raise error
+            _warning_cache.warn(str(error))  # before validation, a validation metric may be missing
             return
-        skip_batch = self._every_n_train_steps < 1 or (
-            trainer.global_step % self._every_n_train_steps != 0
+        self._evaluated_at = trainer.global_step
+        self._current = metrics.get(self._monitor_name)
+        epoch, step = trainer.current_epoch, trainer.global_step
+        template = self._template()
+        write = self._writer(trainer, self.save_weights_only)
+        # last holds the full state; with the same state it is a hard link to the kept file.
+        write_last = self._writer(trainer, False) if self.save_weights_only else None
+        view = self._on_all_ranks(
+            trainer,
+            lambda: saver.step(
+                epoch,
+                metrics,
+                write=write,
+                step=step,
+                write_last=write_last,
+                fields=self._fields(template, metrics),
+            ),
         )
-        skip_time, now = True, time.monotonic()
-        if self._train_time_interval is not None:
-            previous = self._last_time_checked
-            skip_time = previous is None or (
-                now - previous < self._train_time_interval.total_seconds()
+        self._apply(view, metrics.get(self._monitor_name))
+        decision = view.decision
+        assert decision is not None
+        self._report(trainer, epoch, step, view, metrics[self._monitor_name])
+        if self.save_last:
+            self._last_written_at = step
+        if decision.saved:
+            assert decision.record is not None
+            self._saved(trainer, decision.record.path)
+        if decision.should_stop:
+            trainer.should_stop = True
+
+    def _save_last_checkpoint(
+        self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]
+    ) -> None:
+        """``last`` outside an evaluation (at the end of training, at an exception); each
+        evaluation writes it with its own files, in one commit."""
+        saver = self._saver
+        if not self.save_last or saver is None or self._last_written_at == trainer.global_step:
+            return
+        self._last_written_at = trainer.global_step
+        metrics = self._metrics(trainer)
+        epoch, step = trainer.current_epoch, trainer.global_step
+        write = self._writer(trainer, weights_only=False)
+        view = self._on_all_ranks(
+            trainer, lambda: _no_decision(saver.save_last_checkpoint(epoch, write, metrics, step))
+        )
+        self._apply(view)
+        if view.last is not None:
+            self._saved(trainer, view.last.path)
+
+    def _saved(self, trainer: pl.Trainer, path: str) -> None:
+        """As ModelCheckpoint._save_checkpoint does after writing a file."""
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = path
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self._should_save_on_exception(trainer) and self.dirpath is not None:
+            saver = self._saver or self._open(trainer, pl_module)
+            candidates = self._monitor_candidates(trainer)
+            metrics = {
+                **self._metrics(trainer),
+                "exception": f"{type(exception).__name__}: {exception}",
+            }
+            template = self._template()
+            # No announcement: an exception may have reached only some ranks. Strategies that
+            # save collectively get the call on every rank here, as ModelCheckpoint makes it.
+            record = saver.save_exception(
+                trainer.current_epoch,
+                self._writer(trainer, self.save_weights_only),
+                metrics=metrics,
+                step=trainer.global_step,
+                filename=template,
+                fields=self._fields(template, metrics),
             )
-            skip_time = trainer.strategy.broadcast(skip_time)  # clocks differ across ranks
-        if skip_batch and skip_time:
-            return
-        if not skip_time:
-            self._last_time_checked = now
-        # As ModelCheckpoint: a metric only validation logs, or a validation about to run,
-        # moves the evaluation to the end of that validation.
-        if self._monitor_name not in self._metrics(trainer) or (
-            not self._should_save_on_train_epoch_end(trainer) and _validation_follows(trainer)
-        ):
-            self._defer_until_validation = True
-            return
-        self._evaluate(trainer)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._should_skip(trainer) or not self._should_save_on_train_epoch_end(trainer):
-            return
-        if self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0:
-            self._evaluate(trainer)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._should_skip(trainer) or self._should_save_on_train_epoch_end(trainer):
-            return
-        if self._defer_until_validation:
-            self._defer_until_validation = False
-            self._evaluate(trainer)
-        elif self._every_n_epochs >= 1 and (
-            (trainer.current_epoch + 1) % self._every_n_epochs == 0
-        ):
-            self._evaluate(trainer)
+            if not trainer.is_global_zero and not self._staged:
+                trainer.save_checkpoint(os.path.join(os.fspath(self.dirpath), "unused.ckpt"))
+            if record is not None:
+                self._saved(trainer, record.path)
+                rank_zero_info(
+                    f"An {type(exception).__name__} was raised with message: {exception}, "
+                    f"saved checkpoint to {record.path}"
+                )
+            self._save_last_checkpoint(trainer, candidates)
+        if self._saver is not None:
+            try:
+                self._saver.close()
+            except Exception as e:  # the training's exception is the one to raise
+                rank_zero_warn(f"BestCheckpoint could not finish its pending writes: {e}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)  # a last checkpoint, if none was written
         if self._saver is None:
             return
         # Background writes land before trainer.test(ckpt_path="best") reads them; the records
@@ -467,124 +578,30 @@ class BestCheckpoint(ModelCheckpoint):
         if self._saver is not None and stage == "fit":
             self._saver.close()
 
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        saver = self._saver
-        if saver is None:
-            return
-        if (
-            self.save_on_exception
-            and not trainer.fast_dev_run  # type: ignore[attr-defined]
-            and not trainer.sanity_checking
-            and self._last_global_step_saved != trainer.global_step
-        ):
-            self._save_exception(trainer, saver, exception)
-        try:
-            saver.close()
-        except Exception as e:  # the training's exception is the one to raise
-            rank_zero_warn(f"BestCheckpoint could not finish its pending writes: {e}")
-
-    def _save_exception(
-        self, trainer: pl.Trainer, saver: BestSaver, exception: BaseException
-    ) -> None:
-        # No announcement: an exception may have reached only some ranks. Strategies that save
-        # collectively get the call on every rank here, as ModelCheckpoint makes it.
-        write = self._writer(trainer, weights_only=False, announce=False)
-        metrics = {
-            **self._metrics(trainer),
-            "exception": f"{type(exception).__name__}: {exception}",
-        }
-        record = saver.save_exception(
-            trainer.current_epoch, write, metrics=metrics, step=trainer.global_step
-        )
-        if not trainer.is_global_zero and not self._staged:
-            trainer.save_checkpoint(os.path.join(os.fspath(self.dirpath or ""), "unused.ckpt"))
-        if record is not None:
-            rank_zero_info(
-                f"An {type(exception).__name__} was raised with message: {exception}, "
-                f"saved checkpoint to {record.path}"
-            )
-
     # -- one evaluation ------------------------------------------------------------------------
 
     def _metrics(self, trainer: pl.Trainer) -> dict[str, Any]:
         """Everything logged, train and validation, as Python numbers."""
         out: dict[str, Any] = {}
-        for key, value in {**trainer.logged_metrics, **trainer.callback_metrics}.items():
+        # ModelCheckpoint's candidates: the callback metrics, with the epoch and step.
+        for key, value in {**trainer.logged_metrics, **self._monitor_candidates(trainer)}.items():
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
                     continue  # not a metric
                 out[str(key)] = value.item()
             else:
                 out[str(key)] = value
-        if self.monitor is None:
-            out.setdefault("step", trainer.global_step)
         return out
 
-    def _evaluate(self, trainer: pl.Trainer) -> None:
-        saver = self._saver
-        assert saver is not None
-        self._last_global_step_checked = trainer.global_step
-        metrics = self._metrics(trainer)
-        if trainer.world_size > 1:
-            # Every rank judges rank 0's values: unsynced logging must not split decisions.
-            metrics = trainer.strategy.broadcast(metrics)
-        missing = next((m for m in self._monitors if m not in metrics), None)
-        if missing is not None:
-            if not trainer.fit_loop.epoch_loop.val_loop._has_run:
-                # As ModelCheckpoint: before any validation, a validation metric may be missing.
-                _warning_cache.warn(
-                    f"BestCheckpoint(monitor={self._monitor_name!r}) could not find the "
-                    f"monitored key in the logged metrics: {sorted(metrics)}. No evaluation "
-                    "this time."
-                )
-                return
-            raise MissingMetricError(missing, list(metrics))
-
-        epoch, step = trainer.current_epoch, trainer.global_step
-        write = self._writer(trainer, self.save_weights_only, announce=True)
-        write_last = self._writer(trainer, False, announce=True) if self.save_weights_only else None
-        if trainer.is_global_zero:
-            try:
-                decision = saver.step(epoch, metrics, write=write, step=step, write_last=write_last)
-            except BaseException as e:
-                if trainer.world_size > 1:
-                    trainer.strategy.broadcast(("error", repr(e)))
-                raise
-            view = self._local_view(decision)
-            if trainer.world_size > 1:
-                trainer.strategy.broadcast(("done", view))
-        else:
-            saver.step(epoch, metrics, write=write, step=step, write_last=write_last)
-            view = self._follow(trainer)
-
-        self._apply(view, metrics.get(self._monitor_name))
-        outcome = view.decision
-        assert outcome is not None
-        self._report(trainer, epoch, step, view, metrics[self._monitor_name])
-        if outcome.saved or view.last is not None:
-            self._last_global_step_saved = step
-            self._last_checkpoint_saved = (
-                outcome.record.path if outcome.record else view.last.path if view.last else ""
-            )
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.after_save_checkpoint(proxy(self))
-        if outcome.should_stop:
-            trainer.should_stop = True
-
-    def _follow(self, trainer: pl.Trainer) -> _View:
-        """On ranks other than 0: join rank 0's saves until it sends what it decided."""
-        while True:
-            kind, payload = trainer.strategy.broadcast(_LISTEN)
-            if kind == "save":
-                path, weights_only = payload
-                trainer.save_checkpoint(path, weights_only)
-            elif kind == "error":
-                raise RuntimeError(f"global rank 0 failed to save a checkpoint: {payload}")
-            else:
-                return payload  # what rank 0 sent: its _View
+    def _apply_now(self) -> None:
+        """ModelCheckpoint's attributes as they stand with the checkpoint being written, which
+        holds them in its callback state (ModelCheckpoint sets them before it saves)."""
+        if self._saver is not None:
+            self._apply(self._local_view(None), self._current)
+            if self.save_last and "{" not in self.CHECKPOINT_NAME_LAST:
+                # Lightning writes last right after this save: its path is in the state.
+                name = self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
+                self.last_model_path = os.path.join(os.fspath(self.dirpath or ""), name)
 
     def _local_view(self, decision: Decision | None) -> _View:
         saver = self._saver
@@ -602,21 +619,34 @@ class BestCheckpoint(ModelCheckpoint):
             r for r in view.kept
             if r.kind in _RANKED and r.score is not None and r.monitor == self._monitor_name
         ]  # fmt: skip
-        assert self._saver is not None, "evaluations start after the saver opens"
+        assert self._saver is not None, "saves start after the saver opens"
         self.best_record = view.best
         self.best_model_path = view.best.path if view.best else ""
-        self.best_model_score = _tensor(view.best.score) if view.best else None
-        self.best_k_models = {r.path: _tensor(r.score) for r in ranked}
+        self.last_model_path = view.last.path if view.last else ""
+        if self.monitor is None:
+            return  # ModelCheckpoint keeps no score for the latest checkpoints
+        self.best_model_score = self._score(view.best) if view.best else None
+        self.best_k_models = {r.path: self._score(r) for r in ranked}
         if ranked and len(ranked) >= self._saver.policy.cap:
             self.kth_best_model_path = ranked[-1].path
-            self.kth_value = _tensor(ranked[-1].score)
+            self.kth_value = self._score(ranked[-1])
         else:
             self.kth_best_model_path = ""
             self.kth_value = _tensor(self._saver.monitor.worst_value)
-        self.last_model_path = view.last.path if view.last else ""
-        number = as_number(current)
-        if number is not None:
-            self.current_score = _tensor(number)
+        if current is not None:
+            number = as_number(current)
+            # As ModelCheckpoint: a NaN score is the worst one.
+            self.current_score = _tensor(
+                self._saver.monitor.worst_value if number is None or math.isnan(number) else number
+            )
+
+    def _score(self, record: Record) -> torch.Tensor:
+        """The record's score as ModelCheckpoint holds it: a tensor of the logged value's
+        type (an int step stays an int, which loggers' metadata keep)."""
+        logged = record.metrics.get(self._monitor_name)
+        if isinstance(logged, int) and not isinstance(logged, bool) and logged == record.score:
+            return torch.tensor(logged)
+        return _tensor(record.score)
 
     def _report(self, trainer: pl.Trainer, epoch: int, step: int, view: _View, value: Any) -> None:
         decision = view.decision
@@ -670,6 +700,7 @@ class BestCheckpoint(ModelCheckpoint):
         a run already open keeps its state (the manifest is the truth).
         """
         if self._saver is None:
+            super().load_state_dict(state_dict)
             self._restored = state_dict.get("bestsave")
 
     @property
@@ -683,9 +714,30 @@ class BestCheckpoint(ModelCheckpoint):
         return self._saver.kept if self._saver is not None else []
 
 
-def _modes(monitors: Sequence[str], mode: str) -> list[str]:
-    """One mode per monitor: the given one for the first, the others from their names."""
-    return [mode] + ["auto"] * (len(monitors) - 1)
+def _mode(monitor: str, mode: str) -> str:
+    """``mode``, with ``"auto"`` read from the metric's name; a name the table cannot place
+    gets ModelCheckpoint's default, ``"min"``, with a warning."""
+    if mode != "auto":
+        return mode  # ModelCheckpoint checks it
+    try:
+        return infer_mode(monitor)
+    except ValueError:
+        rank_zero_warn(
+            f"BestCheckpoint cannot tell from its name whether {monitor!r} is better higher or "
+            "lower; it uses mode='min', ModelCheckpoint's default. Pass mode='min' or "
+            "mode='max' to say which."
+        )
+        return "min"
+
+
+def _unused_mode(mode: str) -> str:
+    """``mode`` without a monitor, where nothing reads it: ModelCheckpoint's default for
+    "auto" (it appears in the callback's state key), any other value for it to check."""
+    return "min" if mode == "auto" else mode
+
+
+def _no_decision(_: Record | None) -> None:
+    return None
 
 
 def _lightning_top_k(save_top_k: int | None, delta: float | None) -> int:
@@ -727,19 +779,6 @@ def _uploads_every_save(trainer: pl.Trainer) -> bool:
     ``MLFlowLogger(log_model="all")``): the file must be on disk by then, not in a background
     write."""
     return any(getattr(logger, "_log_model", None) == "all" for logger in trainer.loggers)
-
-
-def _validation_follows(trainer: pl.Trainer) -> bool:
-    """The batch just ended is the epoch's last and validation runs after it."""
-    if not getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False):
-        return False
-    if not getattr(trainer, "enable_validation", False):
-        return False
-    batches = trainer.num_val_batches
-    if not (sum(batches) if isinstance(batches, list) else batches):
-        return False
-    every = trainer.check_val_every_n_epoch
-    return every is None or (trainer.current_epoch + 1) % every == 0
 
 
 def _check_single_file_checkpoints(strategy: Strategy) -> None:

@@ -229,6 +229,7 @@ class Committer:
         committed: SaverState,
         keep_evaluations: bool = False,
         replacing: list[str] | None = None,
+        replace_at: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
         self.keep_evaluations = keep_evaluations
@@ -236,8 +237,11 @@ class Committer:
         job is undone whole, so a resumed run repeats it."""
         self.files = files
         self.replacing = replacing
-        """The files of an earlier run this one replaces, deleted once this run has committed
-        its first file; until then nothing is written (None when there is no earlier run)."""
+        """The files of an earlier run this one replaces, deleted at this run's first commit
+        (None when there is no earlier run)."""
+        self.replace_at = replace_at
+        """Kinds of file that the first commit must hold: until this run keeps one, it writes
+        nothing, and the earlier run stays whole. Empty: the first job commits."""
         self.header = header
         """run, monitor, mode and policy: the manifest's fixed part."""
         self.history_bytes = history_bytes
@@ -275,7 +279,11 @@ class Committer:
         store = self.store
         state = job.state
         assert state is not None
-        if self.replacing is not None and not any(f.record.kind in _KEPT for f in job.files):
+        if (
+            self.replacing is not None
+            and self.replace_at
+            and not any(f.record.kind in self.replace_at for f in job.files)
+        ):
             return self._defer(job)
         error: Exception | None = None
         digests = dict(self.digests)
@@ -294,7 +302,7 @@ class Committer:
         lines, self._carry = [*self._carry, *job.lines], []
         history_bytes = self.history_bytes
         files = self.files
-        replacing = self.replacing if pending else None
+        replacing = self.replacing
         try:
             if replacing is not None:
                 # The earlier run's history goes with its manifest: renamed in after the commit.
@@ -449,8 +457,6 @@ class Committer:
 
 
 _RANKED = ("best", "top_k", "ensemble")
-_KEPT = (*_RANKED, "periodic")
-"""Kinds of checkpoint whose commit makes a new run replace an earlier one."""
 
 
 def _amend(lines: list[str], lost: set[str], error: str) -> list[str]:

@@ -356,6 +356,7 @@ class BestSaver:
         self._warned: set[str] = set()
         self._taken: set[str] = set()
         self._replaced: set[str] = set()
+        self._replace_at: frozenset[str] = frozenset()
         self._superseded = False
         self._ended_best: str | None = ""
         started_ts, started = _now()
@@ -390,6 +391,7 @@ class BestSaver:
             self._saver_state(),
             keep_evaluations=on_write_error == "warn",
             replacing=replacing,
+            replace_at=self._replace_at,
         )
         self._worker: BackgroundWriter | None = None
         self._worker_error: BaseException | None = None
@@ -575,6 +577,13 @@ class BestSaver:
             history_bytes = self._restore(manifest)
         elif overwrite or manifest.best is None:
             replacing = self._names_of(manifest)
+            if manifest.best is not None:
+                # Its best stays until this run keeps a checkpoint that stands for something:
+                # one for its score or its epoch, or a last one if it keeps no other.
+                keeps = any(p.cap > 0 or p.keep_every_n_epochs for p in self.policies.values())
+                self._replace_at = frozenset(
+                    ("best", "top_k", "ensemble", "periodic") if keeps else ("last",)
+                )
             self._warn_replacing(manifest)
         elif resume:
             ours = {m.name: m.mode for m in self.monitors}
@@ -598,6 +607,21 @@ class BestSaver:
         if not self.version_names:
             return set()
         return set(self._store.names()) - self._replaced
+
+    def _claimed_elsewhere(self) -> set[str]:
+        """Names other savers of this process keep in this directory: files another run is
+        writing in the background are not on disk yet, but their names are taken."""
+        if not self.version_names:
+            return set()
+        return {
+            r.name
+            for saver in list(_LIVE)
+            if saver is not self
+            and saver._locked  # a closed run's files are all on disk
+            and saver.dirpath == self.dirpath
+            and saver.files.name != self.files.name
+            for r in [*saver._kept, *([saver._last] if saver._last else [])]
+        }
 
     def _describe(self, manifest: Manifest) -> str:
         """The earlier run in words: where, when, and its best."""
@@ -723,7 +747,7 @@ class BestSaver:
             for r in self._kept
             if r.kind in _RANKED and r.monitor in verdicts and r.id in verdicts[r.monitor].evict
         )
-        taken = self._taken - {r.name for r in evicted}
+        taken = (self._taken | self._claimed_elsewhere()) - {r.name for r in evicted}
         template = {**clean, "epoch": int(epoch), "step": step}
 
         def values(m: Monitor, score: float | None) -> dict[str, Any]:
@@ -788,6 +812,17 @@ class BestSaver:
         if len(self.monitors) > 1:
             line["scores"] = {name: v.score for name, v in verdicts.items()}
             line["decision"]["best_for"] = best_for
+        # The saver's state moves on before the capture, so that a capture reading it (the
+        # callback state inside a Lightning checkpoint) sees this evaluation's outcome.
+        before = (self._states, self._evaluations, self._last_epoch, self._kept, self._taken)
+        last_before = self._last
+        self._states = states
+        self._evaluations += 1
+        self._last_epoch = int(epoch)
+        self._kept = [r for r in self._kept if r not in evicted] + new
+        self._taken = taken | {r.name for r in new}
+        if last is not None:
+            self._last = last
         job = None
         if self.writer:
             job = Job(
@@ -798,15 +833,10 @@ class BestSaver:
                 records = new + ([last] if last is not None else [])
                 job = self._capture(job, records, last, write, write_last)
             except Exception as e:
+                self._states, self._evaluations, self._last_epoch, self._kept, self._taken = before
+                self._last = last_before
                 self._failed(e, roll_back=False)  # raises, or warns and skips this save
                 return Decision(False, False, None, score=first.score)
-        self._states = states
-        self._evaluations += 1
-        self._last_epoch = int(epoch)
-        self._kept = [r for r in self._kept if r not in evicted] + new
-        self._taken = taken | {r.name for r in new}
-        if last is not None:
-            self._last = last
         self._guard(metrics, raw)
         if job is not None:
             job.state = self._saver_state()
@@ -1055,6 +1085,39 @@ class BestSaver:
 
     # -- the rest ------------------------------------------------------------------------------
 
+    def save_last_checkpoint(
+        self,
+        epoch: int,
+        write: Writer | Staged,
+        metrics: Mapping[str, Any] | None = None,
+        step: int | None = None,
+    ) -> Record | None:
+        """Write the rolling ``last`` checkpoint now, outside an evaluation (Lightning writes
+        one at the end of training and at an exception)."""
+        if not self.writer:
+            return None
+        ts, now = _now()
+        clean = clean_metrics(metrics or {})
+        name = render(self.last_name, {**clean, "epoch": int(epoch), "step": step}) + self.extension
+        record = replace(
+            self._record(epoch, step, None, clean, ts, now, self._evaluations),
+            kind="last",
+            path=join(self.dirpath, name),
+        )
+        previous, self._last = self._last, record  # before the capture, as in step()
+        job = Job(evict=[previous] if previous and previous.name != name else [])
+        try:
+            job = self._capture(job, [record], record, None, write)
+        except BaseException:
+            self._last = previous
+            raise
+        self._taken.add(name)
+        job.state = self._saver_state()
+        best = self.best
+        job.best_name = best.name if best else None
+        self._submit(job)
+        return record
+
     def save_exception(
         self,
         epoch: int,
@@ -1062,17 +1125,19 @@ class BestSaver:
         metrics: Mapping[str, Any] | None = None,
         step: int | None = None,
         filename: str = "exception-epoch={epoch:03d}",
+        fields: Mapping[str, Any] | None = None,
     ) -> Record | None:
         """Keep the state at an exception (kind ``exception``), outside the policy: it never
         counts as best and is never evicted. Written before this returns.
 
-        ``filename`` is the file's name template; the epoch, step and ``metrics`` fill it."""
+        ``filename`` is the file's name template, filled from the epoch, step, ``metrics`` and
+        ``fields`` (values for the template only, as in :meth:`step`)."""
         if not self.writer:
             return None
         ts, now = _now()
         clean = clean_metrics(metrics or {})
         name = unique_name(
-            render(filename, {**clean, "epoch": int(epoch), "step": step}),
+            render(filename, {**clean, "epoch": int(epoch), "step": step, **(fields or {})}),
             self.extension,
             self._taken,
         )

@@ -129,7 +129,6 @@ def train(dirpath: str, epochs: int = 20, seed: int = 0) -> tuple[L.Trainer, Bes
         monitor="val_f1",
         mode="max",
         save_top_k=3,
-        overwrite=True,  # running the command again starts a new run in the same directory
     )
     logger = WandbLogger(project="bestsave-examples", save_dir=dirpath, offline=True)
     trainer = L.Trainer(

@@ -10,8 +10,10 @@ import importlib
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
+from copy import deepcopy
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,8 +25,9 @@ L = pytest.importorskip("lightning")
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from bestsave import BestSaveWarning, MissingMetricError, RunExistsError, load_manifest
+from bestsave import BestSaveWarning, MissingMetricError, load_manifest
 from bestsave.adapters.lightning import BestCheckpoint
+from bestsave.verify import load_history
 
 DATA = Path(__file__).parent / "data" / "lightning"
 sys.path.insert(0, str(DATA))
@@ -43,8 +46,7 @@ def kept_epochs(dirpath, kinds=("best", "top_k", "ensemble")):
 
 
 def history(dirpath):
-    with open(os.path.join(dirpath, "history.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return load_history(dirpath)
 
 
 def assert_weights(path, expected):
@@ -223,13 +225,22 @@ def test_resume_in_a_new_trainer_continues_best_kept_set_and_patience(tmp_path):
     assert not any("epoch=2" in n for n in os.listdir(second.dirpath))
 
 
-def test_a_second_run_in_the_same_directory_must_resume_or_overwrite(tmp_path):
-    fit(tmp_path, [0.2, 0.4], BestCheckpoint(monitor="val_score", mode="max"))
-    with pytest.raises(RunExistsError, match="resume=True"):
-        fit(tmp_path, [0.2, 0.4], BestCheckpoint(monitor="val_score", mode="max"))
-    again = BestCheckpoint(monitor="val_score", mode="max", overwrite=True)
-    fit(tmp_path, [0.5, 0.1], again)
-    assert again.best_record.epoch == 0
+def test_a_second_fit_in_the_same_directory_starts_afresh_as_model_checkpoint_does(tmp_path):
+    first = BestCheckpoint(monitor="val_score", mode="max", save_top_k=2)
+    fit(tmp_path, [0.2, 0.4, 0.3], first)
+    earlier = set(first.best_k_models)
+    # A NaN first epoch keeps nothing: the earlier run stays whole until the new one keeps a file.
+    again = BestCheckpoint(monitor="val_score", mode="max", save_top_k=2)
+    with pytest.warns(BestSaveWarning, match=r"stays whole until this one keeps its first"):
+        fit(tmp_path, [math.nan], again, max_epochs=1)
+    assert load_manifest(again.dirpath).best.path == first.best_model_path
+    assert all(os.path.exists(p) for p in earlier)
+    third = BestCheckpoint(monitor="val_score", mode="max", save_top_k=2)
+    with pytest.warns(BestSaveWarning):
+        fit(tmp_path, [0.5, 0.1], third)
+    assert third.best_record.epoch == 0 and load_manifest(third.dirpath).best.epoch == 0
+    names = sorted(n for n in os.listdir(third.dirpath) if n.endswith(".ckpt"))
+    assert names == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"]
 
 
 # -- names, scores and errors --------------------------------------------------------------------
@@ -241,9 +252,8 @@ def test_metric_names_with_slashes_work_in_monitor_and_filename(tmp_path):
     fit(tmp_path, [0.9, 0.3, 0.5, 0.4], checkpoint, model_kwargs={"monitor": "val/loss"})
     names = sorted(n for n in os.listdir(checkpoint.dirpath) if n.endswith(".ckpt"))
     assert names == ["epoch=1-val_loss=0.300.ckpt", "epoch=3-val_loss=0.400.ckpt"]
-    assert all(
-        os.path.isfile(os.path.join(checkpoint.dirpath, n)) for n in os.listdir(checkpoint.dirpath)
-    )  # no folder named "val"
+    folders = [n for n in os.listdir(checkpoint.dirpath) if n != ".bestsave"]
+    assert all(os.path.isfile(os.path.join(checkpoint.dirpath, n)) for n in folders)  # no "val/"
     assert checkpoint.best_record.metrics["val/loss"] == pytest.approx(0.3)
 
     plain = BestCheckpoint(
@@ -273,9 +283,13 @@ def test_a_missing_monitor_names_what_was_logged(tmp_path):
         fit(tmp_path, [0.2, 0.4], checkpoint)
 
 
+def test_a_name_the_table_cannot_place_is_min_as_in_lightning_with_a_warning():
+    with pytest.warns(UserWarning, match=r"'early_stop_on'.*mode='min', ModelCheckpoint's default"):
+        checkpoint = BestCheckpoint(monitor="early_stop_on")
+    assert checkpoint.mode == "min"
+
+
 def test_arguments_are_checked_at_construction():
-    with pytest.raises(ValueError, match="mode='min' or mode='max'"):
-        BestCheckpoint(monitor="val_thing")
     with pytest.raises(ValueError, match="patience"):
         BestCheckpoint(monitor="val_loss", patience=0)
     with pytest.raises(ValueError, match="delta"):
@@ -512,3 +526,81 @@ def test_several_monitors_keep_a_best_for_each(tmp_path):
     losses = {e: r["metrics"]["val_loss"] for e, r in enumerate(history(checkpoint.dirpath))}
     assert by_loss.epoch == min(losses, key=losses.get)
     assert_weights(by_loss.path, weights[by_loss.epoch])
+
+
+# -- drop-in habits --------------------------------------------------------------------------------
+
+
+def test_the_exception_checkpoint_is_named_by_the_template_as_in_lightning(tmp_path):
+    checkpoint = BestCheckpoint(
+        dirpath=tmp_path / "ckpt", filename="{epoch}", save_on_exception=True, monitor="val_score"
+    )
+    with pytest.raises(RuntimeError, match="scripted failure"):
+        fit(tmp_path, [0.2, 0.6, 0.4], checkpoint, model_kwargs={"fail_at_epoch": 1})
+    record = next(r for r in load_manifest(tmp_path / "ckpt").kept if r.kind == "exception")
+    assert record.name == "epoch=1.ckpt" and record.epoch == 1  # ModelCheckpoint's name
+    assert os.path.isfile(record.path) and checkpoint.best_record.name == "epoch=0.ckpt"
+
+
+def test_the_callback_pickles_and_deep_copies_before_and_after_fit(tmp_path):
+    checkpoint = BestCheckpoint(monitor="val_score", mode="max", save_top_k=2)
+    assert vars(pickle.loads(pickle.dumps(checkpoint))) == vars(checkpoint)
+    fit(tmp_path, [0.2, 0.6, 0.4], checkpoint)
+    copy = pickle.loads(pickle.dumps(checkpoint))
+    assert copy.best_model_path == checkpoint.best_model_path and copy.saver is None
+    assert deepcopy(checkpoint).best_k_models.keys() == checkpoint.best_k_models.keys()
+
+
+def test_a_checkpoint_written_by_model_checkpoint_restores_into_ours(tmp_path):
+    theirs = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_score", mode="max")
+    fit(tmp_path, [0.2, 0.6], theirs)
+    ours = BestCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_score", mode="max")
+    assert ours.state_key == theirs.state_key  # the callback state is found under its key
+    state = torch.load(theirs.best_model_path, weights_only=True)["callbacks"][ours.state_key]
+    ours.load_state_dict(state)
+    assert ours.best_model_path == theirs.best_model_path
+
+
+def test_two_callbacks_that_differ_in_their_monitor_share_the_directory(tmp_path):
+    by_loss = BestCheckpoint(monitor="val_loss")
+    by_score = BestCheckpoint(monitor="val_score", mode="max")
+    fit(tmp_path, [0.2, 0.6, 0.4], by_loss, by_score)
+    assert by_loss.dirpath == by_score.dirpath
+    assert by_score.best_record.epoch == 1
+    assert load_manifest(by_score.dirpath, run="epoch=epoch-step=step.val_score").best.epoch == 1
+    assert os.path.isfile(by_loss.best_model_path) and os.path.isfile(by_score.best_model_path)
+
+
+class ManualModel(ScriptedModel):
+    """Manual optimisation that keeps the weights from before each step, as Lightning's
+    ModelCheckpoint documents (``self.saved_models``)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.saved_models: dict[int, dict[str, torch.Tensor]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        self.saved_models[batch_idx] = {
+            k: v.detach().clone() for k, v in self.layer.state_dict().items()
+        }
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_manual_optimisation_saves_the_weights_from_before_the_step(tmp_path):
+    checkpoint = BestCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="train_loss", every_n_train_steps=2, save_top_k=-1
+    )
+    model = ManualModel()
+    trainer_for(tmp_path, checkpoint, max_epochs=1, limit_val_batches=0).fit(model)
+    for record in load_manifest(tmp_path / "ckpt").kept:
+        state = torch.load(record.path, weights_only=True)["state_dict"]
+        before = model.saved_models[record.step - 1]  # one epoch: the batch of that step
+        assert torch.equal(state["layer.weight"], before["weight"])
