@@ -4,9 +4,16 @@
 """
 
 from bestsave.lock import DirectoryLockedError
-from bestsave.manifest import ChecksumError, Manifest, fetch, load_best, load_manifest
+from bestsave.manifest import (
+    ChecksumError,
+    Manifest,
+    ManifestError,
+    fetch,
+    load_best,
+    load_manifest,
+)
 from bestsave.messages import BestSaveWarning
-from bestsave.metrics import MissingMetricError
+from bestsave.metrics import MissingMetricError, ScoreTypeError
 from bestsave.monitor import Monitor, infer_mode
 from bestsave.policy import Policy, PolicyState, Verdict
 from bestsave.record import Record
@@ -20,12 +27,14 @@ __all__ = [
     "Decision",
     "DirectoryLockedError",
     "Manifest",
+    "ManifestError",
     "MissingMetricError",
     "Monitor",
     "Policy",
     "PolicyState",
     "Record",
     "RunExistsError",
+    "ScoreTypeError",
     "Staged",
     "Tracker",
     "Verdict",

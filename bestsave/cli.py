@@ -6,6 +6,7 @@ Usage::
     bestsave show runs/a [FILE]         # the full record of the best (or the given) checkpoint
     bestsave plot runs/a -o curve.png   # the monitored metric per epoch, the kept ones marked
     bestsave verify runs/a              # files against the manifest; exit code 0 only when clean
+    bestsave repair runs/a              # rebuild a lost or damaged manifest from the records
     bestsave soup runs/a -o soup.pth    # the average of the kept checkpoints' weights (--top N)
     bestsave compare runs/a runs/b      # the best of several runs side by side
 
@@ -139,6 +140,14 @@ def _parser() -> argparse.ArgumentParser:
     metric_option(plot, "plot in its own panel")
     plot.add_argument("--title", help="the figure's title")
 
+    repair = command(
+        "repair",
+        _repair,
+        "Rebuild a lost or damaged manifest from the run's records and history.",
+    )
+    repair.add_argument("dir", help="the run's directory")
+    run_option(repair)
+
     verify = command(
         "verify", _verify, "Check files against the manifest; exit code 0 only when clean."
     )
@@ -235,7 +244,7 @@ def _ls(args: argparse.Namespace) -> int:
             _num(row["epoch"]),
             _num(row["step"]),
             _num(row["score"], 5),
-            *[_num(row["metrics"].get(n)) for n in names],
+            *[_num(row["metrics"].get(n), 5) for n in names],
             _bytes(row["bytes"]),
             _age(row["time"]),
         ]
@@ -299,6 +308,23 @@ def _plot(args: argparse.Namespace) -> int:
     out = plot_history(args.dir, args.output, args.metric, title=args.title, run=manifest.name)
     print(f"wrote {out}")
     return 0
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from bestsave.repair import repair
+
+    done = repair(args.dir, args.run)
+    manifest = done.manifest
+    best = manifest.best
+    what = f"best {best.name} ({manifest.monitor}={_num(best.score, 5)})" if best else "no best"
+    n = len(done.kept)
+    print(
+        f"rebuilt {manifest.files.manifest} in {manifest.dirpath}: {n} checkpoint"
+        f"{'s' * (n != 1)} checked against their records, {what}"
+    )
+    for line in done.lost:
+        print(f"  lost: {line}")
+    return 1 if done.lost else 0
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -419,7 +445,7 @@ def _compare(args: argparse.Namespace) -> int:
                 _num(row["score"], 5),
                 _num(row["epoch"]),
                 _num(row["step"]),
-                *[_num(row["metrics"].get(n)) for n in names],
+                *[_num(row["metrics"].get(n), 5) for n in names],
                 str(row["framework"] or "-"),
                 str(row["id"] or "-"),
                 commit,
@@ -435,6 +461,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _load(directory: str, run: str | None) -> Manifest:
     """The run's manifest; when there is none, name the runs in the folders below, if any."""
+    if os.path.isfile(directory):
+        raise FileNotFoundError(
+            f"{directory} is a file; pass the directory that holds it "
+            f"({os.path.dirname(directory) or '.'})"
+        )
     try:
         return load_manifest(directory, run)
     except FileNotFoundError:

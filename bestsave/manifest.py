@@ -105,44 +105,67 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, dirpath: str, name: str) -> Manifest:
-        data = json.loads(text)
-        if data.get("format", 0) > FORMAT:
-            raise ValueError(
-                f"{join(dirpath, RunFiles(name).manifest)} was written by a newer bestsave "
-                f"(format {data['format']}); upgrade bestsave to read it"
+        """The manifest ``text`` holds; :class:`ManifestError` says what is wrong with it."""
+        where = join(dirpath, RunFiles(name).manifest)
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ManifestError(where, f"it is not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ManifestError(where, f"it holds a JSON {type(data).__name__}, not an object")
+        if not isinstance(data.get("format", 0), int) or data.get("format", 0) > FORMAT:
+            raise ManifestError(
+                where,
+                f"it was written by a newer bestsave (format {data.get('format')!r})",
+                fix="upgrade bestsave to read it",
             )
-        last = data.get("last")
-        return cls(
-            dirpath=dirpath,
-            run=data.get("run", {}),
-            monitor=data["monitor"],
-            mode=data["mode"],
-            policy=data.get("policy", {}),
-            kept=[Record.from_dict(r, dirpath) for r in data.get("kept", [])],
-            best_name=data.get("best"),
-            last=Record.from_dict(last, dirpath) if last else None,
-            state=data.get("state", {}),
-            pending=data.get("pending", {}),
-            evicting=data.get("evicting", []),
-            format=data.get("format", FORMAT),
-            monitors=data.get("monitors", {}),
-            name=name,
+        missing = [k for k in ("monitor", "mode", "kept", "state") if k not in data]
+        if missing:
+            raise ManifestError(where, f"it lacks {', '.join(map(repr, missing))}")
+        try:
+            last = data.get("last")
+            return cls(
+                dirpath=dirpath,
+                run=dict(data.get("run") or {}),
+                monitor=str(data["monitor"]),
+                mode=str(data["mode"]),
+                policy=dict(data.get("policy") or {}),
+                kept=[Record.from_dict(r, dirpath) for r in data["kept"]],
+                best_name=data.get("best"),
+                last=Record.from_dict(last, dirpath) if last else None,
+                state=dict(data["state"]),
+                pending=dict(data.get("pending") or {}),
+                evicting=list(data.get("evicting") or []),
+                format=data.get("format", FORMAT),
+                monitors=dict(data.get("monitors") or {}),
+                name=name,
+            )
+        except (TypeError, ValueError, AttributeError, KeyError) as e:
+            raise ManifestError(where, f"a field holds what bestsave never writes ({e})") from None
+
+
+class ManifestError(ValueError):
+    """A manifest bestsave cannot read. Nothing was changed; the message says how to recover
+    (usually ``bestsave repair DIR``, which rebuilds it from the records and the history)."""
+
+    def __init__(self, where: str, what: str, fix: str | None = None) -> None:
+        folder = where.rsplit("/", 1)[0]
+        directory = folder.rsplit("/", 2)[0]
+        run = folder.rsplit("/", 1)[-1]
+        fix = fix or (
+            f"rebuild it from the run's records and history with 'bestsave repair {directory} "
+            f"--run {run}' (bestsave.repair.repair in Python), then resume"
         )
+        super().__init__(f"{where} is not a readable bestsave manifest: {what}. Nothing was "
+                         f"changed; {fix}.")  # fmt: skip
 
 
 def read_manifest(store: Store, name: str) -> Manifest | None:
     """The manifest of run ``name`` in ``store``'s directory, or None when there is none."""
-    where = RunFiles(name).manifest
-    text = store.read_text(where)
+    text = store.read_text(RunFiles(name).manifest)
     if text is None:
         return None
-    try:
-        return Manifest.from_json(text, store.url, name)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"{join(store.url, where)} is not a readable bestsave manifest ({e}); "
-            "move it away to start a new run there"
-        ) from None
+    return Manifest.from_json(text, store.url, name)
 
 
 def find_run(store: Store, run: str | None = None) -> str:

@@ -46,8 +46,8 @@ def as_number(value: Any) -> float | int | bool | None:
 def as_score(value: Any) -> tuple[float | None, str | None]:
     """The monitored value as a finite float, or None and the reason it is invalid.
 
-    >>> as_score(0.9), as_score(float("nan")), as_score("high")
-    ((0.9, None), (None, 'nan'), (None, 'not a number'))
+    >>> as_score(0.9), as_score(float("nan")), as_score(None)
+    ((0.9, None), (None, 'nan'), (None, 'none'))
     """
     if value is None:
         return None, "none"
@@ -81,6 +81,36 @@ def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, JSONValue]:
         else:
             out[str(key)] = number
     return out
+
+
+def describe(value: Any) -> str:
+    """What a value is, in words, for messages: its type and, for arrays, its shape.
+
+    >>> describe("high"), describe([0.5, 0.7])
+    ("the string 'high'", 'a list of 2 elements')
+    """
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    shape = getattr(value, "shape", None)
+    kind = f"{type(value).__module__.split('.')[0]}.{type(value).__name__}"
+    if shape is not None:
+        return f"a {kind} of shape {tuple(shape)}"
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"a {type(value).__name__} of {len(value)} elements"
+    return f"a {kind}"
+
+
+class ScoreTypeError(TypeError):
+    """A monitored value that cannot be a score by its type or shape (a string, a tensor of
+    several elements). The message says what it holds and how to make it one number."""
+
+    def __init__(self, name: str, value: Any, epoch: int) -> None:
+        super().__init__(
+            f"{name!r} is {describe(value)} at epoch {epoch}, not one number, so it cannot be a "
+            "score. Log one number under that name: average per-class values (torchmetrics' "
+            "average='macro', keras.metrics.F1Score(average='macro')), or log each element "
+            "under its own name and monitor one of them."
+        )
 
 
 def closest_key(name: str, keys: list[str]) -> str | None:

@@ -14,14 +14,21 @@ from typing import Literal
 Mode = Literal["min", "max"]
 
 _MIN_TOKENS = frozenset(
-    {"loss", "error", "err", "mse", "mae", "rmse", "mape", "nll", "perplexity", "ppl", "wer",
-     "cer", "fid"}
+    {"loss", "error", "err", "mse", "mae", "rmse", "msle", "mape", "smape", "nll", "perplexity",
+     "ppl", "wer", "cer", "eer", "fid", "brier", "logloss", "hinge", "distance", "crossentropy",
+     "huber", "kld", "divergence"}
 )  # fmt: skip
+"""Tokens of scores that fall as the model improves."""
 _MAX_TOKENS = frozenset(
     {"acc", "accuracy", "auc", "auroc", "auprc", "ap", "map", "f1", "fbeta", "precision",
-     "recall", "mcc", "matthews", "corrcoef", "iou", "jaccard", "dice", "r2", "bleu", "rouge",
-     "ndcg", "kappa", "score"}
+     "recall", "sensitivity", "specificity", "mcc", "matthews", "corrcoef", "iou", "jaccard",
+     "dice", "r2", "bleu", "rouge", "ndcg", "kappa", "psnr", "ssim", "spearman", "pearson"}
 )  # fmt: skip
+"""Tokens of scores that rise as the model improves."""
+_QUALIFIERS = frozenset(
+    {"drop", "gap", "delta", "diff", "change", "increase", "decrease", "improvement"}
+)
+"""Tokens that may turn a score's direction around: "accuracy drop" is better lower."""
 
 
 def metric_tokens(name: str) -> list[str]:
@@ -39,23 +46,39 @@ def metric_tokens(name: str) -> list[str]:
 
 
 def infer_mode(name: str) -> Mode:
-    """The direction of a metric, from its name.
+    """The direction of a metric, from its name, when the name says it without doubt.
 
-    ``min`` when any token names an error or a loss, else ``max`` when any token names a score
-    that grows with quality. Any other name raises ``ValueError``: a silent wrong guess would lose
-    the best model.
+    ``min`` when a token names a loss, an error or a distance (``val_loss``,
+    ``val_brier_score``), ``max`` when one names a score that grows with quality
+    (``val/acc``, ``matthews_corrcoef``); a leading ``neg`` (scikit-learn's ``neg_log_loss``)
+    turns it around. A name with tokens of both directions, with a qualifier that may turn it
+    around (``val_accuracy_drop``), or with no known token (``score`` alone: a Brier score is
+    better lower) raises ``ValueError`` asking for the mode: a silent wrong guess would keep the
+    worst model.
 
-    >>> infer_mode("val_loss_epoch"), infer_mode("val/acc")
-    ('min', 'max')
+    >>> infer_mode("val_loss_epoch"), infer_mode("val/acc"), infer_mode("neg_log_loss")
+    ('min', 'max', 'max')
     """
+    tokens = metric_tokens(name)
     # "f1" and "r2" end in digits that are part of the name: match raw parts too.
-    tokens = set(metric_tokens(name)) | set(re.split(r"[_/.\-\s]+", name.lower()))
-    if any(t in _MIN_TOKENS for t in tokens):
-        return "min"
-    if any(t in _MAX_TOKENS for t in tokens):
-        return "max"
+    words = set(tokens) | set(re.split(r"[_/.\-\s]+", name.lower()))
+    found = {"min"} if words & _MIN_TOKENS else set()
+    found |= {"max"} if words & _MAX_TOKENS else set()
+    doubt = words & _QUALIFIERS
+    if len(found) == 1 and not doubt:
+        mode: Mode = found.pop()  # type: ignore[assignment]
+        if tokens and tokens[0] == "neg":
+            return "max" if mode == "min" else "min"
+        return mode
+    if doubt:
+        why = f"{'/'.join(sorted(doubt))!r} may turn its direction around"
+    elif found:
+        why = "it names scores of both directions"
+    else:
+        why = "no part of it names a loss, an error or a score of known direction"
     raise ValueError(
-        f"cannot tell whether {name!r} should go up or down; pass mode='min' or mode='max' for it"
+        f"cannot tell whether {name!r} should go up or down ({why}); "
+        "pass mode='min' or mode='max' for it"
     )
 
 

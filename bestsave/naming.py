@@ -31,7 +31,7 @@ def check_template(template: str) -> None:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
         raise ValueError(f"filename template {template!r} is malformed: {e}") from None
-    for literal, field, _, _ in parsed:
+    for literal, field, spec, _ in parsed:
         if "/" in literal or "\\" in literal:
             raise ValueError(
                 f"filename template {template!r} contains a path separator; put folders in "
@@ -42,6 +42,19 @@ def check_template(template: str) -> None:
                 f"filename template {template!r} has a positional field; name the metric, "
                 "e.g. '{val_loss:.3f}'"
             )
+        if spec and not any(_formats(sample, spec) for sample in (0.5, 3, "text")):
+            raise ValueError(
+                f"filename template {template!r}: {{{field}:{spec}}} is not a format any value "
+                "takes; use a Python format spec such as '{val_loss:.3f}' or '{epoch:03d}'"
+            )
+
+
+def _formats(value: Any, spec: str) -> bool:
+    try:
+        format(value, spec)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def render(template: str, fields: Mapping[str, Any]) -> str:

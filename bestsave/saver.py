@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import os
 import time
@@ -26,9 +27,9 @@ from bestsave.commit import (
 )
 from bestsave.guards import CONSTANT_AFTER, constant_warning, naming_warnings
 from bestsave.layout import RunFiles, run_name
-from bestsave.manifest import Manifest, read_manifest
+from bestsave.manifest import Manifest, ManifestError, read_manifest
 from bestsave.messages import warn
-from bestsave.metrics import MissingMetricError, as_score, clean_metrics
+from bestsave.metrics import MissingMetricError, ScoreTypeError, as_score, clean_metrics
 from bestsave.monitor import Monitor, resolve_mode
 from bestsave.naming import DEFAULT_TEMPLATE, check_template, render, sanitize, unique_name
 from bestsave.policy import Candidate, Policy, PolicyState, Smooth
@@ -92,8 +93,11 @@ class RunExistsError(FileExistsError):
     """The directory holds another run's manifest; resume it, overwrite it, or choose another."""
 
 
-class WriteError(RuntimeError):
-    """Writing a checkpoint failed; the previous best is intact. ``__cause__`` says why."""
+class WriteError(OSError, RuntimeError):
+    """Writing a checkpoint failed; the previous best is intact. ``__cause__`` says why.
+
+    An ``OSError``, as code written for the frameworks' own callbacks expects around ``fit``
+    for a full disk; ``errno`` is the cause's when it had one (``errno.ENOSPC``)."""
 
 
 _LIVE: weakref.WeakSet[BestSaver] = weakref.WeakSet()
@@ -349,6 +353,8 @@ class BestSaver:
 
         self._states = {m.name: PolicyState() for m in self.monitors}
         self._first_scores: dict[str, list[float]] = {m.name: [] for m in self.monitors}
+        self._invalid: dict[str, dict[str, int]] = {m.name: {} for m in self.monitors}
+        """How many of this process's evaluations had no valid score, by monitor and why."""
         self._evaluations = 0
         self._last_epoch: int | None = None
         self._kept: list[Record] = []
@@ -556,7 +562,17 @@ class BestSaver:
             older._flush(quiet=True)
             older._locked = False
             older._superseded = True
-        lock.acquire(self._store, self.files.lock, self._run["id"])
+        try:
+            lock.acquire(self._store, self.files.lock, self._run["id"])
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise PermissionError(
+                e.errno,
+                f"cannot write in {self.dirpath} ({e.strerror}): bestsave keeps the run's records "
+                f"in {join(self.dirpath, self.files.folder)}; make the directory writable or "
+                "choose another",
+            ) from e
         _OWNERS[key] = self
         self._locked = True
 
@@ -571,6 +587,13 @@ class BestSaver:
             store.delete(name)
         history_bytes, replacing = 0, None
         if manifest is None:
+            records = [n for n in store.names(files.folder) if n.endswith(".json")]
+            if records:  # the run's records are there, its manifest is gone: never write over
+                raise ManifestError(
+                    join(self.dirpath, files.manifest),
+                    f"it is missing, but {len(records)} records of the run's checkpoints are "
+                    "beside it",
+                )
             # History written before a first commit that never came belongs to no run.
             store.truncate(files.history, 0)
         elif resume and self._compatible(manifest):
@@ -861,7 +884,11 @@ class BestSaver:
                 return None  # files are kept on a schedule: nothing needs the score
             raise MissingMetricError(name, [str(k) for k in metrics])
         score, reason = as_score(metrics[name])
-        if reason in ("nan", "inf", "not a number"):
+        if reason == "not a number":
+            raise ScoreTypeError(name, metrics[name], epoch)
+        if reason is not None:
+            self._invalid[name][reason] = self._invalid[name].get(reason, 0) + 1
+        if reason in ("nan", "inf"):
             self._warn_once(
                 f"{reason}:{name}",
                 f"{name} is {metrics[name]!r} at epoch {epoch}: invalid scores are never best "
@@ -1047,11 +1074,13 @@ class BestSaver:
         self._forget_lost()
         if stop:
             if isinstance(error, Exception) and not isinstance(error, WriteError):
-                raise WriteError(
+                message = (
                     f"writing a checkpoint to {self.dirpath} failed ({type(error).__name__}: "
                     f"{error}); the previous best is intact. Fix the cause and resume, or pass "
                     "on_write_error='warn' to train on without that checkpoint"
-                ) from error
+                )
+                code = getattr(error, "errno", None)
+                raise (WriteError(code, message) if code else WriteError(message)) from error
             raise error
         warn(
             f"writing a checkpoint to {self.dirpath} failed ({type(error).__name__}: {error}); "
@@ -1074,6 +1103,7 @@ class BestSaver:
             "baseline": p.baseline,
             "save_last": self.save_last,
             "filename": self.filename,
+            "last_name": self.last_name,
             "extension": self.extension,
         }
 
@@ -1183,11 +1213,35 @@ class BestSaver:
             self._flush(stop=True)
         finally:
             self._release_lock()
+        self._warn_if_nothing_kept()
         best = self.best
         key = best.name if best else None
         if self.writer and key != self._ended_best:
             self._ended_best = key
             notify(self.trackers, "on_end", best)
+
+    def _warn_if_nothing_kept(self) -> None:
+        """A run that judges by score and kept nothing for it says so, and why."""
+        if not self.writer or not self._evaluations:
+            return
+        for m in self.monitors:
+            policy = self.policies[m.name]
+            if policy.cap == 0 or self.best_for(m.name) is not None:
+                continue
+            invalid = self._invalid[m.name]
+            if policy.warmup > (self._last_epoch or 0):
+                why = f"every evaluation was within warmup={policy.warmup}"
+            elif invalid and self._states[m.name].peak is None:
+                counts = ", ".join(f"{k} {n} times" for k, n in sorted(invalid.items()))
+                why = f"{m.name} was never a valid number ({counts})"
+            elif policy.baseline is not None:
+                why = f"no {m.name} beat baseline={policy.baseline}"
+            else:
+                why = "the files were never written (see the errors above)"
+            self._warn_once(
+                f"nothing kept:{m.name}",
+                f"training ended with no checkpoint kept for {m.name} in {self.dirpath}: {why}",
+            )
 
     def _release_lock(self) -> None:
         if self._locked:

@@ -421,12 +421,16 @@ class LocalStore:
         """Make the folder that will hold ``name``."""
         folder = os.path.dirname(self._path(name))
         if folder not in self._made:
-            if os.path.isfile(folder):
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                blocker = folder
+                while blocker and not os.path.isfile(blocker):
+                    blocker = os.path.dirname(blocker)
                 raise NotADirectoryError(
-                    f"{folder} is a file, so it cannot hold checkpoints; pass a directory path "
-                    "(a new one is created) or move the file away"
-                )
-            os.makedirs(folder, exist_ok=True)
+                    f"{blocker or folder} is a file, so it cannot hold checkpoints; pass a "
+                    "directory path (a new one is created) or move the file away"
+                ) from None
             self._made.add(folder)
 
     def scratch(self, name: str) -> str:

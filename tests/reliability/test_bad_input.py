@@ -1,9 +1,11 @@
 """Bad input: each a clear error or warning, and nothing already kept is lost.
 
-Metrics as frameworks log them (tensors, numpy scalars, Python ints) are numbers. Strings, lists,
-multi-element tensors, NaN and inf are never best and are warned about once. A monitor missing on
-some epochs, a template naming an unlogged key, a template with a path separator and absurd
-option values raise errors that say how to fix them, before anything is written or changed.
+Metrics as frameworks log them (tensors, numpy scalars, Python ints) are numbers. A monitored
+value that cannot be a score by its type or shape (a string, a list, a multi-element tensor) is
+an error at the first evaluation that shows it; NaN and inf are never best and are warned about
+once. A monitor missing on some epochs, a template naming an unlogged key or holding a bad format
+spec, a template with a path separator, absurd option values, a directory path that is a file and
+a damaged manifest raise errors that say how to fix them, before anything is written or changed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ import pytest
 np = pytest.importorskip("numpy")
 torch = pytest.importorskip("torch")
 
-from bestsave import BestSaver, BestSaveWarning, MissingMetricError, load_best, load_manifest
+from bestsave import (
+    BestSaver,
+    BestSaveWarning,
+    MissingMetricError,
+    ScoreTypeError,
+    load_best,
+    load_manifest,
+)
 from bestsave.adapters.torch import TorchCheckpointer
 from bestsave.verify import load_history, verify
 
@@ -81,19 +90,23 @@ INVALID = [
 
 
 @pytest.mark.parametrize("value", [v for _, v in INVALID], ids=[n for n, _ in INVALID])
-def test_a_monitored_value_that_is_not_a_number_is_never_best_and_warned_once(tmp_path, value):
+def test_a_monitored_value_that_cannot_be_a_score_is_an_error_that_loses_nothing(tmp_path, value):
     s = saver(tmp_path, top_k=-1)
     s.step(0, {"val_loss": 0.5}, write=writer("e0"))
-    with pytest.warns(BestSaveWarning, match="val_loss is .* at epoch 1") as caught:
-        first = s.step(1, {"val_loss": value}, write=writer("e1"))
-        second = s.step(2, {"val_loss": value}, write=writer("e2"))
-    assert len([w for w in caught if issubclass(w.category, BestSaveWarning)]) == 1
+    with pytest.raises(ScoreTypeError, match=r"'val_loss' is .* at epoch 1, not one number"):
+        s.step(1, {"val_loss": value}, write=writer("e1"))
     s.close()
-    for d in (first, second):
-        assert not d.is_best and not d.saved and d.score is None
-    assert [r.epoch for r in load_manifest(tmp_path).kept] == [0]  # even with top_k=-1
-    assert [h["score"] for h in load_history(tmp_path)] == [0.5, None, None]
+    assert [r.epoch for r in load_manifest(tmp_path).kept] == [0]
+    assert [h["score"] for h in load_history(tmp_path)] == [0.5]
     assert_intact(tmp_path)
+
+
+def test_per_class_scores_name_their_shape_and_the_fix(tmp_path):
+    s = saver(tmp_path, monitor="val_f1")
+    with pytest.raises(ScoreTypeError) as caught:
+        s.step(0, {"val_f1": torch.tensor([0.5, 0.7])}, write=writer("e0"))
+    assert "torch.Tensor of shape (2,)" in str(caught.value)
+    assert "average='macro'" in str(caught.value)
 
 
 @pytest.mark.parametrize(

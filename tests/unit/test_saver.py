@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ from bestsave import (
     BestSaveWarning,
     MissingMetricError,
     RunExistsError,
+    ScoreTypeError,
     WriteError,
     load_best,
     load_manifest,
@@ -98,10 +100,10 @@ def test_top_k_kept_best_first_and_saver_best(tmp_path):
 def test_invalid_scores_warn_once_and_are_never_kept(tmp_path):
     saver = BestSaver(tmp_path, monitor="val_acc", top_k=-1)
     with pytest.warns(BestSaveWarning) as caught:
-        drive(saver, [float("nan"), 0.5, float("nan"), "high", None, float("inf"), 0.6])
+        drive(saver, [float("nan"), 0.5, float("nan"), None, float("inf"), 0.6])
     messages = [str(w.message) for w in caught]
-    assert len(messages) == 3  # nan, not a number, inf: once each
-    assert sorted(r.epoch for r in saver.kept) == [1, 6]
+    assert len(messages) == 2  # nan, inf: once each
+    assert sorted(r.epoch for r in saver.kept) == [1, 5]
     history = (run_folder(tmp_path) / "history.jsonl").read_text()
     assert "NaN" not in history  # the files stay strict JSON
 
@@ -421,9 +423,50 @@ def test_warnings_are_not_repeated_after_resume(tmp_path):
     with pytest.warns(BestSaveWarning):
         drive(saver, [float("nan")])
     resumed = BestSaver(tmp_path, monitor="val_acc", resume=True)
+    with pytest.warns(BestSaveWarning) as caught:
+        drive(resumed, [float("nan")], start=1)
+    # The NaN is not told again; the end of this run, which kept nothing either, is.
+    assert [str(w.message).split(" in ")[0] for w in caught] == [
+        "training ended with no checkpoint kept for val_acc"
+    ]
+
+
+@pytest.mark.parametrize(
+    "value, what",
+    [
+        ("high", "the string 'high'"),
+        ([0.5, 0.7], "a list of 2 elements"),
+        (pytest.param("numpy", "of shape (3,)", id="array")),
+    ],
+)
+def test_a_value_that_cannot_be_a_score_is_an_error_at_once(tmp_path, value, what):
+    if value == "numpy":
+        value = pytest.importorskip("numpy").array([0.5, 0.6, 0.7])
+    saver = BestSaver(tmp_path, monitor="val_f1")
+    with pytest.raises(ScoreTypeError, match=rf"'val_f1' is .*{re.escape(what)}.*average='macro'"):
+        saver.step(0, {"val_f1": value}, write=writer("x"))
+    assert saver.evaluations == 0
+
+
+@pytest.mark.parametrize(
+    "options, scores, why",
+    [
+        (
+            {},
+            [float("nan"), None],
+            r"val_acc was never a valid number \(nan 1 times, none 1 times\)",
+        ),
+        ({"baseline": 0.9}, [0.5, 0.6], r"no val_acc beat baseline=0.9"),
+        ({"warmup": 5}, [0.5, 0.6], r"every evaluation was within warmup=5"),
+    ],
+)
+def test_a_run_that_kept_nothing_for_its_score_says_so_at_the_end(tmp_path, options, scores, why):
+    saver = BestSaver(tmp_path, monitor="val_acc", **options)
+    with pytest.warns(BestSaveWarning, match=rf"training ended with no checkpoint .*: {why}"):
+        drive(saver, scores)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        drive(resumed, [float("nan")], start=1)
+        drive(BestSaver(tmp_path / "zero", monitor="val_acc", top_k=0), [0.5])  # none wanted
 
 
 def test_other_ranks_resume_read_only(tmp_path):
