@@ -1,4 +1,5 @@
-"""Sessions: tests (everything), core (no framework), lint, typecheck, demo, bench, stress."""
+"""Sessions: tests (everything), core (no framework), lint, typecheck, demo, bench, stress,
+dropin (each framework's own checkpoint tests against bestsave's classes)."""
 
 import nox
 
@@ -15,6 +16,8 @@ TEST_TOOLS = [
     "scikit-learn>=1.3",
     "torchmetrics>=1.3",
     "jax[cpu]>=0.4.30",
+    # Keras's default backend, the one most Keras users train on.
+    "tensorflow-cpu",
     "moto[server]>=5",
     # boto3 through aiobotocore (s3fs's client), which pins the botocore it works with: a bare
     # boto3 newer than that pin sends pip backtracking through every aiobotocore and torch.
@@ -108,3 +111,51 @@ def stress(session: nox.Session) -> None:
         *session.posargs,
         env={"BESTSAVE_KILLS": "300"},
     )
+
+
+# What Lightning's own tests need beyond the suite's tools (its requirements/pytorch/test.txt).
+LIGHTNING_TEST_TOOLS = [
+    "pytest-timeout",
+    "pytest-xdist",
+    "pytest-rerunfailures",
+    "psutil",
+    "tensorboard",
+    "tensorboardX>=2.2,<2.7.0",
+    "huggingface-hub",
+    "omegaconf>=2.2.3,<2.4.0",
+    "hydra-core>=1.2.0,<1.4.0",
+]
+
+
+@nox.session
+def dropin(session: nox.Session) -> None:
+    """Each framework's own checkpoint tests, with bestsave's class swapped in.
+
+    Keras's come with its wheel. Lightning's and fastai's are not shipped: pass a clone of
+    Lightning (``--lightning DIR``, a checkout or bare repository; the suite takes the tests at
+    the tag it names, the one measured in the README) and fastai's
+    ``nbs/17_callback.tracker.ipynb`` (``--fastai FILE``)::
+
+        nox -s dropin -- --lightning ../pytorch-lightning \\
+            --fastai ../fastai/nbs/17_callback.tracker.ipynb
+    """
+    install_all(session)
+    session.install(*LIGHTNING_TEST_TOOLS)
+    args = list(session.posargs)
+    session.run("python", "tests/dropin/keras_suite.py", "--compare")
+    if "--lightning" in args:
+        repo = args[args.index("--lightning") + 1]
+        out = "runs/dropin/lightning"
+        for label in ("stock", "ours"):
+            session.run(
+                "python", "tests/dropin/lightning_suite.py", "--repo", repo,
+                "--out", f"{out}-{label}", "-n", "2", *(["--stock"] if label == "stock" else []),
+                success_codes=[0, 1],
+            )  # fmt: skip
+        session.run(
+            "python", "tests/dropin/lightning_suite.py", "--compare",
+            f"{out}-stock/junit.xml", f"{out}-ours/junit.xml", success_codes=[0, 1],
+        )  # fmt: skip
+    if "--fastai" in args:
+        notebook = args[args.index("--fastai") + 1]
+        session.run("python", "tests/dropin/fastai_suite.py", "--notebook", notebook, "--compare")

@@ -30,7 +30,6 @@ import os
 import shutil
 import string
 import tempfile
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -40,12 +39,14 @@ from keras.src.saving import saving_lib
 from keras.src.utils.io_utils import print_msg
 
 from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged, fetch
-from bestsave.messages import BestSaveWarning
+from bestsave.layout import run_name
+from bestsave.messages import warn
 from bestsave.monitor import infer_mode
 from bestsave.naming import DEFAULT_TEMPLATE, check_template
 from bestsave.policy import Smooth
 from bestsave.saver import check_options
 from bestsave.staging import Snapshot, Stager
+from bestsave.store import TMP_PREFIX
 
 __all__ = ["BestModelCheckpoint"]
 
@@ -73,8 +74,8 @@ def _split_filepath(filepath: str, save_weights_only: bool) -> tuple[str, str, s
     dirpath, name = os.path.split(filepath)
     if "{" in dirpath:
         raise ValueError(
-            f"{filepath=} has a field in its directory; bestsave keeps one run per directory, "
-            "so put fields such as {epoch} in the file name only."
+            f"{filepath=} has a field in its directory; put fields such as {{epoch}} in the "
+            "file name only: a run's records are kept in one directory, beside its files."
         )
     return dirpath or os.curdir, name[: -len(extension)] or "checkpoint", extension
 
@@ -118,17 +119,22 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     """Callback to keep the best Keras models, or their weights, while ``fit`` trains.
 
     A drop-in replacement for ``keras.callbacks.ModelCheckpoint``: the same arguments mean the
-    same thing, and bestsave's options (all keyword-only) choose what else to keep. Every file is
-    written under a temporary name and renamed into place, so a crash never leaves a half-written
-    best; beside it, a ``.json`` record holds the epoch's ``logs``, the learning rate, and the
-    model's name and parameter count. ``bestsave.json`` in the directory lists what is kept, so
-    ``bestsave.load_best(directory)`` finds the best file from another process.
+    same thing and ``filepath`` names the files written, and bestsave's options (all
+    keyword-only) choose what else to keep. Every file is written under a temporary name and
+    renamed into place, so a crash never leaves a half-written best. bestsave's own records are
+    in a hidden folder beside the files, ``.bestsave/<run>/`` (the run named after the file
+    name): the run's manifest, a ``history.jsonl`` line per evaluation, and a record per kept
+    file with its epoch's ``logs``, the learning rate, and the model's name and parameter
+    count; ``bestsave.load_best(directory)`` finds the best file from another process.
 
-    Differences from ModelCheckpoint: ``monitor`` must be logged at every evaluation (Keras
-    warns and saves anyway); with ``save_best_only=False`` a name without ``{epoch}`` keeps every
-    epoch's file, with ``-v1``, ``-v2`` suffixes, where Keras overwrites one file; a file name
-    ending in ``.weights.h5`` always holds weights; ``initial_value_threshold`` also applies to
-    ``top_k`` and ``delta``.
+    Where it differs from ModelCheckpoint: with ``save_best_only=True`` a monitor missing from
+    ``logs`` is an error (Keras warns and saves anyway, so a misspelt name would keep the last
+    epoch), and a new best replaces the previous best's file (Keras leaves each improvement's
+    file behind when the name holds ``{epoch}``; ``top_k`` keeps more); a new run in the place
+    of an earlier one deletes the earlier run's files that it does not overwrite, once it has
+    saved its first; a name ending in ``.weights.h5`` always holds weights;
+    ``initial_value_threshold`` also applies to ``top_k`` and ``delta``; ``filepath`` may have
+    fields in its file name only.
 
     Example:
 
@@ -149,26 +155,29 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             `.weights.h5` (weights) or `.h5` (legacy whole model), or a directory, where files
             are named `epoch=003-val_loss=0.1234.keras`. The template may use `{epoch}`
             (1-based, as Keras prints it), any key of `logs` (`{val_loss:.4f}`), `{batch}`
-            (1-based, with an integer `save_freq`), `{monitor}` and `{score}`. Its directory
-            holds one run: `bestsave.json`, `history.jsonl`, the kept files and their `.json`
-            records.
+            (1-based, with an integer `save_freq`), `{monitor}` and `{score}`. A file of the
+            same name is overwritten, as Keras does.
         monitor: The metric name to monitor, as it appears in `logs` (`"val_loss"`,
-            `"val_accuracy"`, `"loss"`). It must be logged at every evaluation. A list keeps a
-            best (or top-k) for each metric; `best` and `restore_best_weights` follow the first.
+            `"val_accuracy"`, `"loss"`). With `save_best_only=True` (or `top_k`, `delta`,
+            `patience`) it must be logged at every evaluation. A list keeps a best (or top-k)
+            for each metric; `best` and `restore_best_weights` follow the first.
         verbose: 0 is silent; 1 prints a message when the callback takes an action.
         save_best_only: `True` keeps only the best (or, with bestsave's options, the `top_k`
             best, the `delta` ensemble, periodic epochs). `False`, ModelCheckpoint's default,
-            keeps every evaluation with a valid score, unless `top_k`, `delta` or
-            `keep_every_n_epochs` is given, which then say what to keep.
+            saves at every evaluation, as Keras does: a name with `{epoch}` gives a file per
+            epoch, a fixed name is overwritten, and `monitor` need not be logged. Given
+            `top_k`, `delta`, `keep_every_n_epochs` or `patience`, it judges by `monitor` as
+            `True` does, and those options say what else to keep.
         save_weights_only: `True` saves `model.save_weights(path)`, else `model.save(path)`;
             a `filepath` ending in `.weights.h5` implies it.
         mode: `"min"`, `"max"` or `"auto"`: from the compiled metric's direction, then from the
             name (`loss`, `error`, `mae`... are min; `acc`, `auc`, `f1`... are max). A name
-            neither tells raises `ValueError` asking for `mode`.
+            neither tells raises `ValueError` asking for `mode`. Any other value warns and
+            falls back to `"auto"`, as in Keras.
         save_freq: `"epoch"`, or an integer: evaluate after this many training batches (with
             the batch `logs`, which hold training metrics only).
-        initial_value_threshold: A score must beat this to be saved. A resumed run's best
-            replaces it.
+        initial_value_threshold: A score must beat this to be saved (with `save_best_only`
+            or bestsave's options). A resumed run's best replaces it.
         top_k: Keep the k best; -1 every valid score; 0 none (only `history.jsonl`).
         delta: Keep every checkpoint whose score is within `delta` of the best.
         min_delta: An improvement must beat the best by more than this.
@@ -178,13 +187,15 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         tie_break: A metric (or `(name, mode)`) that decides ties within `min_delta`.
         warmup: Epochs before this are never best nor kept for their score.
         restore_best_weights: Load the best checkpoint's weights into the model when `fit` ends
-            (the optimizer keeps its state, as with `EarlyStopping`).
+            (the optimizer keeps its state, as with `EarlyStopping`). It needs a best:
+            `save_best_only=True`, or `top_k` or `delta`.
         trackers: `"auto"` (a W&B or MLflow run already active), `"wandb"`, `"mlflow"`, or
             objects with `on_save`/`on_evict`/`on_end`; they get the best epoch's record.
-        resume: Continue the run whose `bestsave.json` is in the directory: its best score,
+        resume: Continue the earlier run of this file name in the directory: its best score,
             kept files and patience count carry over (a new run when there is none). Use it
-            with `keras.callbacks.BackupAndRestore` to resume the training state too.
-        overwrite: Delete the files of the run in the directory, then start afresh.
+            with `keras.callbacks.BackupAndRestore` to resume the training state too. Without
+            it a new callback starts a new run there, as Keras does, with a warning naming the
+            earlier run, whose files stay until the new run saves its first.
         async_write: With `True` (the default), a `.weights.h5` save copies the variables into
             host memory reused from save to save and writes the file in a background thread,
             through Keras's own HDF5 writer; a `.keras` file is written from the live model
@@ -217,7 +228,6 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         warmup: int = 0,
         trackers: str | Iterable[Any] = "auto",
         resume: bool = False,
-        overwrite: bool = False,
         async_write: bool = True,
         on_write_error: Literal["raise", "warn"] = "raise",
         storage_options: Mapping[str, Any] | None = None,
@@ -229,6 +239,10 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         if not self.monitors:
             raise ValueError("monitor must name a logged metric, or list several")
         self.monitor = self.monitors[0]
+        if mode not in ("auto", "min", "max"):
+            # Keras's words and its fallback, so that code written for ModelCheckpoint runs.
+            warn(f"{type(self).__name__} mode '{mode}' is unknown, fallback to auto mode.")
+            mode = "auto"
         self.verbose = verbose
         self.save_best_only = save_best_only
         self.mode = mode
@@ -240,10 +254,9 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
         ):
             raise ValueError(
-                f"Unrecognized {save_freq=}. Expected 'epoch' or a number of batches >= 1."
+                f"Unrecognized save_freq: {save_freq!r}. Expected 'epoch' or a number of "
+                "batches >= 1."
             )
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(f"{mode=} is unknown: pass 'min', 'max' or 'auto'.")
         self.dirpath, self._template, self._extension = _split_filepath(
             self.filepath, save_weights_only
         )
@@ -257,22 +270,28 @@ class BestModelCheckpoint(keras.callbacks.Callback):
                 "is a number of batches; remove it or set save_freq."
             )
 
-        # ModelCheckpoint saves at every evaluation unless save_best_only; bestsave's own
-        # options, when given, say what to keep instead.
-        every_evaluation = not save_best_only and all(
-            option is None for option in (top_k, delta, keep_every_n_epochs)
+        # ModelCheckpoint(save_best_only=False) saves at every evaluation and never reads the
+        # monitor: a schedule, which keeps no best. bestsave's own options, when given, say
+        # what to keep instead.
+        schedule = not save_best_only and all(
+            option is None for option in (top_k, delta, keep_every_n_epochs, patience)
         )
+        if schedule and restore_best_weights:
+            raise ValueError(
+                "restore_best_weights=True loads the best checkpoint, and with "
+                "save_best_only=False every epoch is saved but none is kept as the best: "
+                "pass save_best_only=True (or top_k or delta)."
+            )
+        self._resume = resume
         self._options: dict[str, Any] = dict(
             min_delta=min_delta,
-            top_k=-1 if every_evaluation else top_k,
+            top_k=0 if schedule else top_k,
             delta=delta,
-            keep_every_n_epochs=keep_every_n_epochs,
+            keep_every_n_epochs=1 if schedule else keep_every_n_epochs,
             patience=patience,
-            resume=resume,
-            overwrite=overwrite,
             trackers=trackers,
             # Keras applies the threshold to save_best_only alone.
-            baseline=None if every_evaluation else initial_value_threshold,
+            baseline=None if schedule else initial_value_threshold,
             smooth=smooth,
             tie_break=tie_break,
             warmup=warmup,
@@ -282,10 +301,9 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         )
         # The direction is resolved once the model is known; these checks do not depend on it.
         check_options(
-            **{k: v for k, v in self._options.items()
-               if k not in ("resume", "overwrite", "trackers", "storage_options")},
+            **{k: v for k, v in self._options.items() if k not in ("trackers", "storage_options")},
             filename=self._template,
-        )  # fmt: skip
+        )
         self.saver: BestSaver | None = None
         self._current_epoch = 0
         self._batches_seen_since_last_saving = 0
@@ -311,24 +329,6 @@ class BestModelCheckpoint(keras.callbacks.Callback):
 
     # -- fit --------------------------------------------------------------------------------
 
-    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        # Created here, not in __init__: mode="auto" asks the compiled metrics, and a later
-        # fit() with the same callback continues the same run, as ModelCheckpoint's best does.
-        if self.saver is None:
-            self.saver = BestSaver(
-                self.dirpath,
-                self.monitors,
-                mode=[self._resolve_mode(name) for name in self.monitors],
-                filename=self._template,
-                extension=self._extension,
-                writer=_is_writer(),
-                framework="keras",
-                hparams=self._hparams(),
-                **self._options,
-            )
-        self._batches_seen_since_last_saving = 0
-        self._last_batch_seen = None
-
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._current_epoch = epoch
 
@@ -341,10 +341,37 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             self._evaluate(epoch, logs or {}, None)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        assert self.saver is not None
-        self.saver.close()
+        if self.saver is not None:
+            self.saver.close()
         if self.restore_best_weights:
             self._restore_best()
+
+    def _open(self) -> BestSaver:
+        """The run, opened at the first evaluation, as ModelCheckpoint sets up its monitor at
+        the first epoch's end: only then is the model built (a Sequential without an `Input`
+        on TensorFlow) and are the compiled metrics, which `mode="auto"` asks, known. A later
+        fit() with the same callback continues the run, as ModelCheckpoint's `best` carries
+        over."""
+        if self.saver is None:
+            self.saver = BestSaver(
+                self.dirpath,
+                self.monitors,
+                mode=[self._resolve_mode(name) for name in self.monitors],
+                filename=self._template,
+                extension=self._extension,
+                # Named after the whole file name: `best.keras` and `best.weights.h5` written
+                # by two callbacks in one directory are two runs.
+                name=run_name(self._template + self._extension, self.monitor),
+                resume=self._resume,
+                # A new callback where an earlier one saved starts afresh, as Keras's does.
+                overwrite=not self._resume,
+                version_names=False,  # Keras overwrites a file of the same name
+                writer=_is_writer(),
+                framework="keras",
+                hparams=self._hparams(),
+                **self._options,
+            )
+        return self.saver
 
     # -- one evaluation -----------------------------------------------------------------------
 
@@ -364,20 +391,20 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         return False
 
     def _evaluate(self, epoch: int, logs: Mapping[str, Any], batch: int | None) -> Decision:
-        saver = self.saver
-        assert saver is not None, "fit() calls on_train_begin first"
+        saver = self._open()
         metrics = self._metrics(logs)
-        missing = next((m for m in self.monitors if m not in metrics), None)
-        if missing is not None:
-            raise self._missing_monitor(missing, metrics, batch)
         previous = saver.best_score
-        decision = saver.step(
-            epoch,
-            metrics,
-            write=self._writer(),
-            step=self._global_step(),
-            fields=self._keras_numbers(epoch, batch),
-        )
+        try:
+            decision = saver.step(
+                epoch,
+                metrics,
+                write=self._writer(),
+                step=self._global_step(),
+                fields=self._keras_numbers(epoch, batch),
+            )
+        except MissingMetricError as error:
+            error.message += self._why_missing(metrics, batch)
+            raise
         if self.verbose > 0:
             self._report(epoch, previous, decision)
         if decision.should_stop:
@@ -391,21 +418,22 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             metrics["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
         return metrics
 
-    def _missing_monitor(
-        self, monitor: str, metrics: Mapping[str, Any], batch: int | None
-    ) -> Exception:
-        error = MissingMetricError(monitor, list(metrics))
+    def _why_missing(self, metrics: Mapping[str, Any], batch: int | None) -> str:
+        """The usual reason a monitor is missing from Keras's logs, for the error message."""
         if batch is not None:
-            error.message += (
+            return (
                 " With save_freq a number of batches, the callback sees each batch's logs, "
                 "which hold training metrics only."
             )
-        elif monitor.startswith("val_") and not any(k.startswith("val_") for k in metrics):
-            error.message += (
+        missing = [m for m in self.monitors if m not in metrics]
+        if any(m.startswith("val_") for m in missing) and not any(
+            k.startswith("val_") for k in metrics
+        ):
+            return (
                 " Validation metrics are logged only when fit() is given validation_data or "
                 "validation_split."
             )
-        return error
+        return ""
 
     @staticmethod
     def _keras_numbers(epoch: int, batch: int | None) -> dict[str, int]:
@@ -448,9 +476,15 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     def _capture(self) -> _SavedFile:
         """Keras saves from the live model, here; the saver hashes, syncs, renames and records
         the file in the background."""
-        local = self.dirpath if "://" not in self.dirpath else tempfile.gettempdir()
+        assert self.saver is not None
+        # In the run's own folder, where the next run cleans what a crash leaves.
+        local = (
+            os.path.join(self.dirpath, self.saver.files.folder)
+            if "://" not in self.dirpath
+            else tempfile.gettempdir()
+        )
         os.makedirs(local, exist_ok=True)
-        fd, path = tempfile.mkstemp(suffix=self._extension, prefix=".bestsave-tmp-", dir=local)
+        fd, path = tempfile.mkstemp(suffix=self._extension, prefix=TMP_PREFIX, dir=local)
         os.close(fd)
         saved = _SavedFile(path)
         try:
@@ -465,17 +499,22 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         shutil.move(saved.path, path)
 
     def _report(self, epoch: int, previous: float | None, decision: Decision) -> None:
+        """ModelCheckpoint's messages, and bestsave's own actions in the same words."""
+        assert self.saver is not None
         where = f"\nEpoch {epoch + 1}"
         best_str = "None" if previous is None else f"{previous:.5f}"
         path = decision.record.path if decision.record is not None else None
-        if decision.score is None:
-            message = f"{self.monitor} is not a valid score"
-        elif decision.is_best:
-            message = f"{self.monitor} improved from {best_str} to {decision.score:.5f}"
+        if not self.saver.policy.judges:  # save_best_only=False
+            message = f"saving model to {path}"
         else:
-            message = f"{self.monitor} did not improve from {best_str}"
-        if path is not None:
-            message += f", saving model to {path}"
+            if decision.score is None:
+                message = f"{self.monitor} is not a valid score"
+            elif decision.is_best:
+                message = f"{self.monitor} improved from {best_str} to {decision.score:.5f}"
+            else:
+                message = f"{self.monitor} did not improve from {best_str}"
+            if path is not None:
+                message += f", saving model to {path}"
         print_msg(f"{where}: {message}")
         for record in decision.evicted:
             print_msg(f"{where}: removed {record.path}")
@@ -511,12 +550,10 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     def _restore_best(self) -> None:
         best = self.best_record
         if best is None:
-            warnings.warn(
+            warn(
                 f"restore_best_weights: no checkpoint was kept in {self.dirpath} (no valid "
                 f"{self.monitor}, or none beat initial_value_threshold); the model keeps the "
-                "weights of its last epoch",
-                BestSaveWarning,
-                stacklevel=2,
+                "weights of its last epoch"
             )
             return
         if self.verbose > 0:

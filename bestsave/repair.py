@@ -31,7 +31,7 @@ from typing import Any
 
 from bestsave.layout import MANIFEST, META, RunFiles
 from bestsave.manifest import Manifest
-from bestsave.monitor import Monitor
+from bestsave.monitor import Monitor, resolve_mode
 from bestsave.policy import Candidate, PolicyState
 from bestsave.record import Record, join
 from bestsave.store import Store, open_store
@@ -95,7 +95,10 @@ def repair(
             "of its manifest name the monitored metric; start a new run in another directory"
         )
     first, mode = next(iter(monitors.items()))
-    states = {m: _state(Monitor(m, d), kept, lines, m == first) for m, d in monitors.items()}
+    states = {
+        m: _state(Monitor(m, resolve_mode(m, d)), kept, lines, m == first)
+        for m, d in monitors.items()
+    }
     best_id = states[first].best_id
     best = next(
         (r for r in kept if r.kind in _RANKED and r.monitor == first and r.id == best_id), None

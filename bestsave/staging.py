@@ -117,7 +117,7 @@ class Stager:
             np.copyto(buf, obj)
             return buf
         if isinstance(obj, dict):
-            out = type(obj)() if type(obj) is not dict else {}
+            out: Any = type(obj)() if type(obj) is not dict else {}
             for k, v in obj.items():
                 out[k] = self._copy(v, (*path, k), buffers, sync)
             metadata = getattr(obj, "_metadata", None)  # a state_dict's versions, for loading

@@ -85,7 +85,6 @@ def train(
         mode="max",
         save_best_only=True,
         delta=delta,
-        overwrite=True,  # running the command again starts a new run in the same directory
     )
     model.fit(
         *data["train"],

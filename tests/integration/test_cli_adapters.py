@@ -121,7 +121,7 @@ model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, "relu"),
                           keras.layers.Dense(1, "sigmoid")])
 model.compile("adam", "binary_crossentropy")
 ckpt = BestModelCheckpoint(sys.argv[1] + "/{epoch:02d}.weights.h5", monitor="val_score",
-                           save_best_only=True, top_k=2)
+                           mode="max", save_best_only=True, top_k=2)
 model.fit(x[:32], y[:32], validation_data=(x[32:], y[32:]), epochs=4, verbose=0,
           callbacks=[Script(), ckpt])
 if len(sys.argv) > 2:  # load the soup into the same model

@@ -16,12 +16,15 @@ from wandb_reader import read_run
 from bestsave import load_best
 from bestsave.adapters.keras import BestModelCheckpoint
 
-VAL_SCORE = [0.2, 0.7, 0.5, 0.6]  # best at epoch 1; the last epoch is worse
+# Keras's torch backend converts tensors with np.array(x, copy=False), which numpy 2 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+VAL_AUC = [0.2, 0.7, 0.5, 0.6]  # best at epoch 1; the last epoch is worse
 
 
 class Script(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
-        logs["val_score"] = VAL_SCORE[epoch]
+        logs["val_auc"] = VAL_AUC[epoch]
 
 
 def test_an_active_run_gets_the_best_epochs_model_and_metrics(tmp_path, wandb_dir):
@@ -34,13 +37,13 @@ def test_an_active_run_gets_the_best_epochs_model_and_metrics(tmp_path, wandb_di
 
     run = wandb.init(project="bestsave-keras")  # the run a Keras user already has open
     checkpoint = BestModelCheckpoint(
-        tmp_path / "ckpt" / "{epoch:02d}.weights.h5", monitor="val_score", save_best_only=True
+        tmp_path / "ckpt" / "{epoch:02d}.weights.h5", monitor="val_auc", save_best_only=True
     )
     model.fit(
         x[:32],
         y[:32],
         validation_data=(x[32:], y[32:]),
-        epochs=len(VAL_SCORE),
+        epochs=len(VAL_AUC),
         batch_size=8,
         verbose=0,
         callbacks=[Script(), checkpoint],
@@ -53,8 +56,8 @@ def test_an_active_run_gets_the_best_epochs_model_and_metrics(tmp_path, wandb_di
     versions = logged.artifacts(type="model")
     final = next(a for a in reversed(versions) if "best" in a.aliases)
     assert final.metadata["epoch"] == 1 and "epoch-1" in final.aliases
-    assert final.metadata["metrics"]["val_score"] == pytest.approx(0.7)
-    assert logged.summary["best_val_score"] == pytest.approx(0.7)
+    assert final.metadata["metrics"]["val_auc"] == pytest.approx(0.7)
+    assert logged.summary["best_val_auc"] == pytest.approx(0.7)
     assert logged.summary["best_epoch"] == 1
     for key in ("val_loss", "val_accuracy", "loss"):
         assert logged.summary[f"best_{key}"] == pytest.approx(best.metrics[key])

@@ -106,7 +106,8 @@ def test_within_and_min_delta_validation():
 
 # Composed names: context words, one known token, separators of every kind.
 _CONTEXT = ["val", "valid", "validation", "train", "test", "epoch", "step", "top5", "macro",
-            "weighted", "mean", "avg", "ema", "batch", "per", "class", "score", "metric"]  # fmt: skip
+            "weighted", "mean", "avg", "ema", "batch", "per", "class", "score",
+            "metric"]  # fmt: skip
 _SEPARATORS = ["_", "/", ".", "-"]
 
 
