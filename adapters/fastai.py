@@ -37,8 +37,8 @@ import numbers
 import operator
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -49,13 +49,23 @@ from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.optimizer import Optimizer
 from fastai.torch_core import distrib_barrier, get_model, rank_distrib
 from fastcore.foundation import L
+from typing_extensions import Unpack
 
-from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged, fetch, load_manifest
+from bestsave import (
+    BestSaver,
+    Decision,
+    MissingMetricError,
+    Record,
+    SaverOptions,
+    Staged,
+    fetch,
+    load_manifest,
+)
 from bestsave.messages import warn
 from bestsave.monitor import infer_mode
-from bestsave.policy import Smooth
-from bestsave.saver import check_options
+from bestsave.options import SharedOptions, monitor_names
 from bestsave.staging import Snapshot, Stager
+from bestsave.trackers import WandbTracker, resolve_trackers
 
 __all__ = ["SaveBestModelCallback"]
 
@@ -107,30 +117,21 @@ class SaveBestModelCallback(Callback):
         with_opt: Save the optimizer state with the model, and load it with the best.
         reset_on_fit: Every ``fit`` starts a new run (its best replaces the previous fit's
             files). With False, a later ``fit`` must beat the earlier fits' best to be saved.
-        top_k: Keep the k best epochs (``-1`` every one with a valid score, ``0`` none).
-            Default: 1, or no cap with ``delta``; 0 with ``every_epoch`` or ``at_end``.
-        delta: Keep every epoch within ``delta`` of the best (a near-best ensemble).
-        patience: Epochs without improvement before training stops (the Learner raises
-            ``CancelFitException``, as ``EarlyStoppingCallback`` does).
-        keep_every_n_epochs: Also keep epochs n-1, 2n-1, ... whatever their score.
         save_last: Also keep a rolling ``{fname}_last.pth`` of the latest epoch (``True`` or
             ``"link"``).
         filename: Template of the kept files' names instead of the names above (without
             ``.pth``); any Recorder value may appear: ``"model-{epoch}-{accuracy:.3f}"``.
         dirpath: Directory for the files instead of ``learn.path/learn.model_dir``: a local
             path or an fsspec URL (``s3://bucket/run``).
-        resume: Continue the run of this name in the directory (its best stays the one to
-            beat). Load the weights to resume from and pass ``start_epoch`` to ``fit`` yourself.
-        trackers: ``"auto"`` (a W&B or MLflow run already active), ``"wandb"``, ``"mlflow"``,
-            or tracker objects told about every kept file (see ``bestsave.Tracker``).
-        smooth: Judge on a smoothed score: ``N`` (mean of the last N) or ``("ema", alpha)``.
-        tie_break: A Recorder value (or ``(name, mode)``) that decides ties within
-            ``min_delta``.
-        warmup: Epochs before this are never best nor kept for their score.
-        async_write: Write files in a background thread (the loop pays for a copy of the
-            weights in host memory); every file is on disk when ``fit`` returns.
-        on_write_error: ``"raise"`` stops training when a write fails; ``"warn"`` trains on.
-        storage_options: Passed to fsspec for a remote ``dirpath``.
+        **options: bestsave's options (:class:`bestsave.SharedOptions`, each described on
+            :class:`bestsave.SaverOptions`): ``top_k`` (default 1, or no cap with ``delta``; 0
+            with ``every_epoch`` or ``at_end``), ``delta``, ``patience`` (the Learner raises
+            ``CancelFitException``, as ``EarlyStoppingCallback`` does), ``keep_every_n_epochs``,
+            ``smooth``, ``tie_break``, ``warmup``, ``baseline``, ``trackers``, ``async_write``
+            (every file is on disk when ``fit`` returns), ``on_write_error``,
+            ``storage_options``. ``resume=True`` continues the run of this name (its best
+            stays the one to beat): load the weights to resume from and pass ``start_epoch``
+            to ``fit`` yourself.
 
     Under fastai's distributed training only rank 0 writes; every rank loads the best.
 
@@ -157,27 +158,14 @@ class SaveBestModelCallback(Callback):
         with_opt: bool = False,
         reset_on_fit: bool = True,
         *,
-        top_k: int | None = None,
-        delta: float | None = None,
-        patience: int | None = None,
-        keep_every_n_epochs: int | None = None,
         save_last: bool | Literal["link"] = False,
         filename: str | None = None,
         dirpath: str | os.PathLike[str] | None = None,
-        resume: bool = False,
-        trackers: str | Iterable[Any] = "auto",
-        smooth: Smooth = None,
-        tie_break: str | tuple[str, str] | None = None,
-        warmup: int = 0,
-        async_write: bool = True,
-        on_write_error: Literal["raise", "warn"] = "raise",
-        storage_options: Mapping[str, Any] | None = None,
+        **options: Unpack[SharedOptions],
     ) -> None:
         super().__init__()
         # Several monitors each keep their best; fastai's attributes follow the first.
-        monitors = [monitor] if isinstance(monitor, str) else list(monitor)
-        if not monitors or not all(isinstance(m, str) and m for m in monitors):
-            raise ValueError(f"monitor must be the name of a Recorder value, not {monitor!r}")
+        monitors = list(monitor_names(monitor))
         monitor = monitors[0]
         if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname:
             raise ValueError(
@@ -187,35 +175,30 @@ class SaveBestModelCallback(Callback):
         every = _every_n(every_epoch)
         if every and at_end:
             raise ValueError("every_epoch and at_end cannot both be set: choose one")
-        if every and keep_every_n_epochs is not None:
+        if every and options.get("keep_every_n_epochs") is not None:
             raise ValueError(
                 "every_epoch and keep_every_n_epochs say the same thing: pass only one of them"
             )
         modes = [_mode(monitor, comp)] + [_mode(m, None) for m in monitors[1:]]
-        if top_k is None and delta is None and (every or at_end):
-            top_k = 0  # fastai's every_epoch and at_end keep no best file of their own
-        # The core's own checks, now rather than at the first fit.
-        check_options(
-            min_delta=min_delta, top_k=top_k, delta=delta,
-            keep_every_n_epochs=keep_every_n_epochs or every, patience=patience,
-            save_last=save_last, filename=filename or "model", smooth=smooth,
-            tie_break=tie_break, warmup=warmup, periodic_start=0 if every else None,
-            async_write=async_write, on_write_error=on_write_error,
-        )  # fmt: skip
-
+        if options.get("top_k") is None and options.get("delta") is None and (every or at_end):
+            options["top_k"] = 0  # fastai's every_epoch and at_end keep no best file of their own
+        self.options = SaverOptions.of(
+            monitor=monitors,
+            mode=modes,
+            min_delta=min_delta,
+            save_last=save_last or at_end,
+            filename=filename or "model",
+            periodic_start=0 if every else None,  # fastai's 0, n, 2n, ...
+            **{**options, "keep_every_n_epochs": options.get("keep_every_n_epochs") or every},
+        )
+        """bestsave's options (:class:`bestsave.SaverOptions`), checked now rather than at the
+        first fit."""
         self.monitor, self.min_delta, self.fname = monitor, min_delta, fname
         self.monitors = monitors
-        self.smooth, self.tie_break, self.warmup = smooth, tie_break, warmup
         self.comp = np.less if modes[0] == "min" else np.greater
         self.every_epoch, self.at_end, self.with_opt = every_epoch, at_end, with_opt
         self.reset_on_fit = reset_on_fit
-        self.top_k, self.delta, self.patience = top_k, delta, patience
-        self.keep_every_n_epochs = keep_every_n_epochs or every
-        self.save_last: bool | Literal["link"] = save_last or at_end
-        self.filename, self.dirpath, self.resume = filename, dirpath, resume
-        self.trackers = trackers if isinstance(trackers, str) else list(trackers)
-        self.async_write, self.on_write_error = async_write, on_write_error
-        self.storage_options = dict(storage_options or {})
+        self.filename, self.dirpath = filename, dirpath
         self.new_best = False
         self._modes = modes
         self._run_at: tuple[str, str] | None = None  # (directory, file names) of the own run
@@ -336,7 +319,10 @@ class SaveBestModelCallback(Callback):
                 f"{metrics[self.monitor]}."
             )
         if decision.should_stop:
-            print(f"No improvement since epoch {self.epoch - (self.patience or 0)}: early stopping")
+            print(
+                f"No improvement since epoch {self.epoch - (self.options.patience or 0)}: "
+                "early stopping"
+            )
             raise CancelFitException()
 
     def after_fit(self) -> None:
@@ -367,13 +353,13 @@ class SaveBestModelCallback(Callback):
         dirpath = str(self.dirpath or Path(self.learn.path) / self.learn.model_dir)
         # WandbCallback(model_name=...) sets fname after this callback was made.
         where = (dirpath, self._template())
+        self._take_upload()
         if self._saver is None or self.reset_on_fit or where != self._run_at:
             self._saver = self._new_saver(*where)
         if self._saver.writer:
             # The first save then copies into buffers allocated while the first epoch trains.
             weights = get_model(self.learn.model).state_dict()
             self._stager.reserve({"model": weights} if self.with_opt else weights)
-        self._take_upload()
         others = [cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback)]
         if others:
             warn(
@@ -386,7 +372,7 @@ class SaveBestModelCallback(Callback):
     @property
     def _tracks_best(self) -> bool:
         """fastai's every_epoch tracks no best; bestsave's top_k beside it does."""
-        return not self.every_epoch or self.top_k != 0
+        return not self.every_epoch or self.options.top_k != 0
 
     def _template(self) -> str:
         """The kept files' names: ``fname`` for a single best, as fastai's; named after their
@@ -395,8 +381,9 @@ class SaveBestModelCallback(Callback):
         if self.filename is not None:
             return self.filename
         fname = _literal(self.fname)
-        single = len(self.monitors) == 1 and self.top_k in (None, 1) and self.delta is None
-        if self.keep_every_n_epochs or (self.top_k != 0 and (self.at_end or not single)):
+        opts = self.options
+        single = len(self.monitors) == 1 and opts.top_k in (None, 1) and opts.delta is None
+        if opts.keep_every_n_epochs or (opts.top_k != 0 and (self.at_end or not single)):
             return fname + "_{epoch}"
         return fname
 
@@ -405,34 +392,26 @@ class SaveBestModelCallback(Callback):
         # cell run again, the next training stage). A later fit of this callback without
         # reset_on_fit continues its own run instead.
         own = (dirpath, template) == self._run_at
-        resume = self.resume or (own and not self.reset_on_fit)
-        saver = BestSaver(
-            dirpath,
-            self.monitors,
-            mode=self._modes,
-            min_delta=self.min_delta,
-            top_k=self.top_k,
-            delta=self.delta,
-            keep_every_n_epochs=self.keep_every_n_epochs,
-            save_last=self.save_last,
-            patience=self.patience,
+        resume = self.options.resume or (own and not self.reset_on_fit)
+        trackers = resolve_trackers(self.options.trackers)
+        if self._wandb:  # this callback uploads for WandbCallback: not a second time
+            trackers = [t for t in trackers if not isinstance(t, WandbTracker)]
+        options = replace(
+            self.options,
             filename=template,
             resume=resume,
             overwrite=not resume,
-            trackers=self.trackers,
-            smooth=self.smooth,
-            tie_break=self.tie_break,
-            warmup=self.warmup,
-            async_write=self.async_write,
-            on_write_error=self.on_write_error,
-            periodic_start=0 if self.every_epoch else None,  # fastai's 0, n, 2n, ...
-            extension=".pth",
             version_names=False,  # learn.save("model") names one file: a new best replaces it
             last_name=_literal(self.fname) if self.at_end else _literal(self.fname) + "_last",
+            trackers=trackers,
+        )
+        saver = BestSaver(
+            dirpath,
+            extension=".pth",
             writer=rank_distrib() == 0,
             framework="fastai",
             hparams=self._hparams(),
-            storage_options=self.storage_options,
+            **options.as_kwargs(),
         )
         self._run_at = (dirpath, template)
         return saver
@@ -496,7 +475,7 @@ class SaveBestModelCallback(Callback):
         The file is checked against its record's sha256 first and read with
         ``torch.load(weights_only=True)``, so loading never runs pickled code.
         """
-        path = fetch(record, **self.storage_options)
+        path = fetch(record, **(self.options.storage_options or {}))
         device = getattr(self.learn.dls, "device", None) or "cpu"
         self._load_state(torch.load(path, map_location=device, weights_only=True), record, with_opt)
         return record
@@ -522,7 +501,9 @@ class SaveBestModelCallback(Callback):
         best = (
             saver.best
             if saver.writer
-            else load_manifest(saver.dirpath, saver.files.name, **self.storage_options).best
+            else load_manifest(
+                saver.dirpath, saver.files.name, **(self.options.storage_options or {})
+            ).best
         )
         if best is None:
             if saver.policy.cap > 0:
@@ -556,14 +537,6 @@ class SaveBestModelCallback(Callback):
             if isinstance(cb, wandb_cb) and cb.log_model:
                 cb.log_model = False
                 self._wandb.append(cb)
-        if self._wandb and self._saver is not None:
-            # This callback uploads for WandbCallback: a W&B tracker found by "auto" would
-            # upload the same model twice.
-            from bestsave.trackers import WandbTracker
-
-            self._saver.trackers = [
-                t for t in self._saver.trackers if not isinstance(t, WandbTracker)
-            ]
 
     def _upload(self, saver: BestSaver) -> None:
         taken, self._wandb = self._wandb, []
@@ -580,7 +553,9 @@ class SaveBestModelCallback(Callback):
         artifact = wandb.Artifact(
             name=self.fname, type="model", metadata=record.to_dict(), description="trained model"
         )
-        artifact.add_file(fetch(record, **self.storage_options), name=f"{self.fname}.pth")
+        artifact.add_file(
+            fetch(record, **(self.options.storage_options or {})), name=f"{self.fname}.pth"
+        )
         aliases = ["latest", f"epoch-{record.epoch}"] + (["best"] if record.kind == "best" else [])
         wandb.run.log_artifact(artifact, aliases=aliases)
 

@@ -27,26 +27,34 @@ Example:
 from __future__ import annotations
 
 import os
-import shutil
 import string
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import keras
 import numpy as np
 from keras.src.saving import saving_lib
 from keras.src.utils.io_utils import print_msg
+from typing_extensions import Unpack
 
-from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged, fetch
+from bestsave import (
+    BestSaver,
+    Decision,
+    MissingMetricError,
+    Options,
+    Record,
+    SaverOptions,
+    Staged,
+    fetch,
+)
 from bestsave.layout import run_name
 from bestsave.messages import warn
 from bestsave.monitor import infer_mode
-from bestsave.naming import DEFAULT_TEMPLATE, check_template
-from bestsave.policy import Smooth
-from bestsave.saver import check_options
+from bestsave.naming import DEFAULT_TEMPLATE
+from bestsave.options import monitor_names
+from bestsave.pipeline import WriteNow
 from bestsave.staging import Snapshot, Stager
-from bestsave.store import TMP_PREFIX
 
 __all__ = ["BestModelCheckpoint"]
 
@@ -178,32 +186,23 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             the batch `logs`, which hold training metrics only).
         initial_value_threshold: A score must beat this to be saved (with `save_best_only`
             or bestsave's options). A resumed run's best replaces it.
-        top_k: Keep the k best; -1 every valid score; 0 none (only `history.jsonl`).
-        delta: Keep every checkpoint whose score is within `delta` of the best.
-        min_delta: An improvement must beat the best by more than this.
-        keep_every_n_epochs: Also keep every n-th epoch, whatever its score.
-        patience: Evaluations without improvement before `model.stop_training` is set.
-        smooth: Judge on a smoothed score: `N` (mean of the last N) or `("ema", alpha)`.
-        tie_break: A metric (or `(name, mode)`) that decides ties within `min_delta`.
-        warmup: Epochs before this are never best nor kept for their score.
         restore_best_weights: Load the best checkpoint's weights into the model when `fit` ends
             (the optimizer keeps its state, as with `EarlyStopping`). It needs a best:
             `save_best_only=True`, or `top_k` or `delta`.
-        trackers: `"auto"` (a W&B or MLflow run already active), `"wandb"`, `"mlflow"`, or
-            objects with `on_save`/`on_evict`/`on_end`; they get the best epoch's record.
-        resume: Continue the earlier run of this file name in the directory: its best score,
-            kept files and patience count carry over (a new run when there is none). Use it
-            with `keras.callbacks.BackupAndRestore` to resume the training state too. Without
-            it a new callback starts a new run there, as Keras does, with a warning naming the
-            earlier run, whose files stay until the new run saves its first.
-        async_write: With `True` (the default), a `.weights.h5` save copies the variables into
-            host memory reused from save to save and writes the file in a background thread,
-            through Keras's own HDF5 writer; a `.keras` file is written from the live model
-            before the callback returns. Either way hashing, syncing, renaming and recording
-            run in the background, and `fit` waits for them at its end. `False` does it all
-            before the callback returns.
-        on_write_error: `"raise"` stops training with the write's error; `"warn"` trains on.
-        storage_options: Passed to fsspec when `filepath` is a URL (`s3://bucket/run/`).
+        **options: bestsave's options (`bestsave.Options`, each described on
+            `bestsave.SaverOptions`): `top_k`, `delta`, `min_delta`, `keep_every_n_epochs`,
+            `patience` (sets `model.stop_training`), `smooth`, `tie_break`, `warmup`,
+            `trackers` (they get the best epoch's record), `on_write_error`,
+            `storage_options` (for a `filepath` URL, `s3://bucket/run/`). `async_write=True`
+            (the default) writes a `.weights.h5` file in the background from a copy of the
+            variables, through Keras's own HDF5 writer; a `.keras` file is written from the
+            live model before the callback returns, and hashing, syncing and recording it run
+            in the background; `fit` waits for them at its end. `resume=True` continues the
+            earlier run of this file name in the directory: its best score, kept files and
+            patience count carry over (use it with `keras.callbacks.BackupAndRestore` to
+            resume the training state too); without it a new callback starts a new run there,
+            as Keras does, with a warning naming the earlier run, whose files stay until the
+            new run saves its first.
     """
 
     def __init__(
@@ -217,27 +216,13 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         save_freq: int | Literal["epoch"] = "epoch",
         initial_value_threshold: float | None = None,
         *,
-        top_k: int | None = None,
-        delta: float | None = None,
-        min_delta: float = 0.0,
-        keep_every_n_epochs: int | None = None,
-        patience: int | None = None,
         restore_best_weights: bool = False,
-        smooth: Smooth = None,
-        tie_break: str | tuple[str, str] | None = None,
-        warmup: int = 0,
-        trackers: str | Iterable[Any] = "auto",
-        resume: bool = False,
-        async_write: bool = True,
-        on_write_error: Literal["raise", "warn"] = "raise",
-        storage_options: Mapping[str, Any] | None = None,
+        **options: Unpack[Options],
     ) -> None:
         super().__init__()
         self.filepath = os.fspath(filepath)
         # Several monitors each keep their best; `monitor` and `best` follow the first.
-        self.monitors = [monitor] if isinstance(monitor, str) else list(monitor)
-        if not self.monitors:
-            raise ValueError("monitor must name a logged metric, or list several")
+        self.monitors = list(monitor_names(monitor))
         self.monitor = self.monitors[0]
         if mode not in ("auto", "min", "max"):
             # Keras's words and its fallback, so that code written for ModelCheckpoint runs.
@@ -263,47 +248,45 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         self.save_weights_only: bool = self._extension == _WEIGHTS
         self._stager = Stager()
         self._layout: _WeightsLayout | None = None
-        check_template(self._template)
         if "batch" in _fields(self._template) and save_freq == "epoch":
             raise ValueError(
                 f"filepath {self.filepath!r} uses {{batch}}, which exists only when save_freq "
                 "is a number of batches; remove it or set save_freq."
             )
 
+        if "baseline" in options:
+            raise TypeError(
+                "BestModelCheckpoint takes ModelCheckpoint's initial_value_threshold, not baseline"
+            )
         # ModelCheckpoint(save_best_only=False) saves at every evaluation and never reads the
         # monitor: a schedule, which keeps no best. bestsave's own options, when given, say
         # what to keep instead.
-        schedule = not save_best_only and all(
-            option is None for option in (top_k, delta, keep_every_n_epochs, patience)
-        )
+        judging = ("top_k", "delta", "keep_every_n_epochs", "patience")
+        schedule = not save_best_only and all(options.get(k) is None for k in judging)
         if schedule and restore_best_weights:
             raise ValueError(
                 "restore_best_weights=True loads the best checkpoint, and with "
                 "save_best_only=False every epoch is saved but none is kept as the best: "
                 "pass save_best_only=True (or top_k or delta)."
             )
-        self._resume = resume
-        self._options: dict[str, Any] = dict(
-            min_delta=min_delta,
-            top_k=0 if schedule else top_k,
-            delta=delta,
-            keep_every_n_epochs=1 if schedule else keep_every_n_epochs,
-            patience=patience,
-            trackers=trackers,
+        if schedule:
+            options["top_k"], options["keep_every_n_epochs"] = 0, 1
+        # The direction is resolved once the model is known (`_open`); these checks do not
+        # depend on it.
+        self.options = SaverOptions.of(
+            monitor=self.monitors,
+            filename=self._template,
             # Keras applies the threshold to save_best_only alone.
             baseline=None if schedule else initial_value_threshold,
-            smooth=smooth,
-            tie_break=tie_break,
-            warmup=warmup,
-            async_write=async_write,
-            on_write_error=on_write_error,
-            storage_options=storage_options,
+            # A new callback where an earlier one saved starts afresh, as Keras's does.
+            overwrite=not options.get("resume", False),
+            version_names=False,  # Keras overwrites a file of the same name
+            # Named after the whole file name: `best.keras` and `best.weights.h5` written by
+            # two callbacks in one directory are two runs.
+            name=run_name(self._template + self._extension, self.monitor),
+            **options,
         )
-        # The direction is resolved once the model is known; these checks do not depend on it.
-        check_options(
-            **{k: v for k, v in self._options.items() if k not in ("trackers", "storage_options")},
-            filename=self._template,
-        )
+        """bestsave's options (:class:`bestsave.SaverOptions`)."""
         self.saver: BestSaver | None = None
         self._current_epoch = 0
         self._batches_seen_since_last_saving = 0
@@ -353,23 +336,14 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         fit() with the same callback continues the run, as ModelCheckpoint's `best` carries
         over."""
         if self.saver is None:
+            options = replace(self.options, mode=[self._resolve_mode(m) for m in self.monitors])
             self.saver = BestSaver(
                 self.dirpath,
-                self.monitors,
-                mode=[self._resolve_mode(name) for name in self.monitors],
-                filename=self._template,
                 extension=self._extension,
-                # Named after the whole file name: `best.keras` and `best.weights.h5` written
-                # by two callbacks in one directory are two runs.
-                name=run_name(self._template + self._extension, self.monitor),
-                resume=self._resume,
-                # A new callback where an earlier one saved starts afresh, as Keras's does.
-                overwrite=not self._resume,
-                version_names=False,  # Keras overwrites a file of the same name
                 writer=_is_writer(),
                 framework="keras",
                 hparams=self._hparams(),
-                **self._options,
+                **options.as_kwargs(),
             )
         return self.saver
 
@@ -456,7 +430,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         else:
             self.model.save(path, overwrite=True)
 
-    def _writer(self) -> Staged:
+    def _writer(self) -> Staged | WriteNow:
         """A weights file is written from a snapshot of the variables; anything else is saved
         from the live model at once (a `.keras` file holds more than the variables)."""
         model, saver = self.model, self.saver
@@ -471,32 +445,9 @@ class BestModelCheckpoint(keras.callbacks.Callback):
                 return Staged(
                     lambda: self._stager.snapshot((layout.key, layout.values())), layout.write
                 )
-        return Staged(self._capture, self._place)
-
-    def _capture(self) -> _SavedFile:
-        """Keras saves from the live model, here; the saver hashes, syncs, renames and records
-        the file in the background."""
-        assert self.saver is not None
-        # In the run's own folder, where the next run cleans what a crash leaves.
-        local = (
-            os.path.join(self.dirpath, self.saver.files.folder)
-            if "://" not in self.dirpath
-            else tempfile.gettempdir()
-        )
-        os.makedirs(local, exist_ok=True)
-        fd, path = tempfile.mkstemp(suffix=self._extension, prefix=TMP_PREFIX, dir=local)
-        os.close(fd)
-        saved = _SavedFile(path)
-        try:
-            self._save(path)
-        except BaseException:
-            saved.release()
-            raise
-        return saved
-
-    @staticmethod
-    def _place(saved: _SavedFile, path: str) -> None:
-        shutil.move(saved.path, path)
+        # A whole `.keras` file holds more than the variables: Keras saves it from the live
+        # model, now; the saver hashes, syncs, renames and records it in the background.
+        return WriteNow(self._save)
 
     def _report(self, epoch: int, previous: float | None, decision: Decision) -> None:
         """ModelCheckpoint's messages, and bestsave's own actions in the same words."""
@@ -576,7 +527,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
                     variable.assign(np.array(value) if own else value)
             return
         optimizer_state = [keras.ops.convert_to_numpy(v) for v in optimizer_variables]
-        model.load_weights(fetch(best, **dict(self._options["storage_options"] or {})))
+        model.load_weights(fetch(best, **dict(self.options.storage_options or {})))
         for variable, value in zip(optimizer_variables, optimizer_state, strict=True):
             variable.assign(value)
 
@@ -686,14 +637,3 @@ class _WeightsLayout:
                     entry[key] = next(values)
         finally:
             store.close()
-
-
-class _SavedFile:
-    """A file Keras wrote; deleted unless the saver moves it into place."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def release(self) -> None:
-        if os.path.exists(self.path):
-            os.unlink(self.path)

@@ -24,6 +24,7 @@ import math
 import os
 import string
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -37,19 +38,19 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
+from typing_extensions import Unpack
 
-from bestsave import BestSaver, Decision, MissingMetricError, Record, Staged
+from bestsave import BestSaver, Decision, MissingMetricError, Options, Record, SaverOptions, Staged
 from bestsave.layout import run_name
 from bestsave.metrics import as_number
 from bestsave.monitor import infer_mode
 from bestsave.naming import sanitize
-from bestsave.policy import Smooth
-from bestsave.saver import Writer, check_options
+from bestsave.options import monitor_names
+from bestsave.pipeline import Writer
 from bestsave.staging import Snapshot, Stager
 
 __all__ = ["BestCheckpoint", "MonitorNotLoggedError"]
 
-_RANKED = ("best", "top_k", "ensemble")
 _LISTEN: tuple[str, Any] = ("", None)  # what ranks other than 0 pass to a broadcast they receive
 _warning_cache = WarningCache()
 
@@ -99,24 +100,15 @@ class BestCheckpoint(ModelCheckpoint):
             validation (``False``); by default Lightning's rule picks.
         enable_version_counter: A name another file already holds gets ``-v1``, ``-v2``; with
             False the new checkpoint replaces that file, as in Lightning.
-        min_delta: An improvement must beat the best by more than this.
-        delta: Keep every checkpoint within ``delta`` of the best (a near-best ensemble).
-        patience: Stop training (``trainer.should_stop``) after this many evaluations without
-            improvement.
-        keep_every_n_epochs: Also keep epochs n-1, 2n-1, ... (0-based), whatever their score.
-        resume: Continue the run whose records are in ``dirpath``. Resuming a fit from a
-            checkpoint this callback wrote (``trainer.fit(ckpt_path=...)``) continues its run
-            without it. Otherwise a new fit starts a new run there, replacing the earlier run's
-            files once it has kept its first checkpoint (with a warning naming that run).
-        trackers: ``"auto"`` (a W&B or MLflow run already active, e.g. a ``WandbLogger``'s),
-            ``"wandb"``, ``"mlflow"``, or tracker objects told of every kept checkpoint.
-        baseline: A score must beat this to be best or kept.
-        smooth: Judge on a smoothed score: ``N`` (mean of the last N) or ``("ema", alpha)``.
-        tie_break: A metric (or ``(name, mode)``) that decides ties within ``min_delta``.
-        warmup: Epochs before this are never best nor kept for their score.
-        async_write: Write checkpoints in a background thread where the strategy allows.
-        on_write_error: ``"raise"`` stops training with a write's error; ``"warn"`` trains on.
-        storage_options: fsspec options for a remote ``dirpath``.
+        **options: bestsave's options (:class:`bestsave.Options`, each described on
+            :class:`bestsave.SaverOptions`): ``delta``, ``patience`` (stops training through
+            ``trainer.should_stop``), ``min_delta``, ``keep_every_n_epochs``, ``smooth``,
+            ``tie_break``, ``warmup``, ``baseline``, ``trackers`` (``"auto"`` follows a
+            ``WandbLogger``'s run), ``async_write``, ``on_write_error``, ``storage_options``.
+            ``resume=True`` continues the run in ``dirpath``; a fit resumed from a checkpoint
+            this callback wrote (``trainer.fit(ckpt_path=...)``) continues its run without it.
+            Otherwise a new fit starts a new run there, replacing the earlier run's files once
+            it has kept its first checkpoint (with a warning naming that run).
 
     Attributes:
         best_model_path, best_model_score, best_k_models, kth_best_model_path, kth_value,
@@ -149,21 +141,10 @@ class BestCheckpoint(ModelCheckpoint):
         every_n_epochs: int | None = None,
         save_on_train_epoch_end: bool | None = None,
         enable_version_counter: bool = True,
-        *,
-        min_delta: float = 0.0,
-        delta: float | None = None,
-        patience: int | None = None,
-        keep_every_n_epochs: int | None = None,
-        resume: bool = False,
-        trackers: str | Sequence[Any] = "auto",
-        baseline: float | None = None,
-        smooth: Smooth = None,
-        tie_break: str | tuple[str, str] | None = None,
-        warmup: int = 0,
-        async_write: bool = True,
-        on_write_error: Literal["raise", "warn"] = "raise",
-        storage_options: dict[str, Any] | None = None,
+        **options: Unpack[Options],
     ) -> None:
+        if "top_k" in options:
+            raise TypeError("BestCheckpoint takes ModelCheckpoint's save_top_k, not top_k")
         if save_top_k is not None and (
             isinstance(save_top_k, bool) or not isinstance(save_top_k, int)
         ):
@@ -171,12 +152,7 @@ class BestCheckpoint(ModelCheckpoint):
         # Without a monitor, ModelCheckpoint keeps the latest checkpoints: the same as monitoring
         # the global step, higher is better. Several monitors each keep their best;
         # Lightning's attributes follow the first.
-        if monitor is None:
-            self._monitors = ["step"]
-        elif isinstance(monitor, str):
-            self._monitors = [monitor]
-        else:
-            self._monitors = list(monitor)
+        self._monitors = ["step"] if monitor is None else list(monitor_names(monitor))
         self._monitor_name = self._monitors[0]
         super().__init__(
             dirpath=dirpath,
@@ -184,7 +160,7 @@ class BestCheckpoint(ModelCheckpoint):
             monitor=None if monitor is None else self._monitor_name,
             verbose=verbose,
             save_last=save_last,
-            save_top_k=_lightning_top_k(save_top_k, delta),
+            save_top_k=_lightning_top_k(save_top_k, options.get("delta")),
             save_on_exception=save_on_exception,
             save_weights_only=save_weights_only,
             mode=_mode(self._monitor_name, mode) if monitor else _unused_mode(mode),
@@ -195,27 +171,20 @@ class BestCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=save_on_train_epoch_end,
             enable_version_counter=enable_version_counter,
         )
-        self._top_k = save_top_k
-        # The core's own checks, now rather than at the first evaluation.
-        check_options(
-            min_delta=min_delta, top_k=save_top_k, delta=delta,
-            keep_every_n_epochs=keep_every_n_epochs, patience=patience,
-            filename=self._template(), baseline=baseline, smooth=smooth, tie_break=tie_break,
-            warmup=warmup, async_write=async_write, on_write_error=on_write_error,
-        )  # fmt: skip
-        self.min_delta = min_delta
-        self.delta = delta
-        self.patience = patience
-        self.keep_every_n_epochs = keep_every_n_epochs
-        self.resume = resume
-        self.trackers = trackers if isinstance(trackers, str) else list(trackers)
-        self.baseline = baseline
-        self.smooth = smooth
-        self.tie_break = tie_break
-        self.warmup = warmup
-        self.async_write = async_write
-        self.on_write_error = on_write_error
-        self.storage_options = dict(storage_options or {})
+        # The rest of the saver's options, checked now rather than at the first evaluation.
+        self.options = SaverOptions.of(
+            monitor=self._monitors,
+            # Without a monitor, the latest checkpoints: the highest step.
+            mode=[self.mode if monitor else "max", *map(_mode, self._monitors[1:])],
+            top_k=save_top_k,
+            # last follows every evaluation (not only saves, as in ModelCheckpoint), in the
+            # evaluation's own commit: a fit resumed from it replays nothing already judged.
+            save_last=bool(save_last),
+            filename=self._template(),
+            version_names=enable_version_counter,
+            **options,
+        )
+        """bestsave's options (:class:`bestsave.SaverOptions`)."""
         self.best_record: Record | None = None
         self._init_state()
 
@@ -325,7 +294,7 @@ class BestCheckpoint(ModelCheckpoint):
         return os.path.abspath(path) if _is_local_file_protocol(path) else path.rstrip("/")
 
     def _new_saver(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> BestSaver:
-        resume = self.resume
+        resume = self.options.resume
         # Only a fit resumed from a checkpoint continues that checkpoint's run; test() and
         # validate() load callback state too.
         restored = self._restored if trainer.ckpt_path is not None else None
@@ -338,43 +307,28 @@ class BestCheckpoint(ModelCheckpoint):
                     f"{restored.get('dirpath')!r}; this one writes to {self.dirpath!r} and starts "
                     "a new run there. Pass dirpath= that directory to continue its run."
                 )
+        template = self._template()
+        options = replace(
+            self.options,
+            filename=template,
+            last_name=self._template(self.CHECKPOINT_NAME_LAST),
+            # Lightning versions clashing names (-v1), so callbacks that differ only in their
+            # monitor share a directory as separate runs.
+            name=f"{run_name(template)}.{self.monitor or 'latest'}",
+            resume=resume,
+            overwrite=not resume,  # a second fit in the same place starts afresh
+            async_write=self.options.async_write and not _uploads_every_save(trainer),
+        )
         error: BaseException | None = None
         saver = None
         try:
             saver = BestSaver(
                 os.fspath(self.dirpath or ""),
-                self._monitors,
-                # Without a monitor, the latest checkpoints: the highest step.
-                mode=[self.mode if self.monitor else "max"]
-                + [_mode(m, "auto") for m in self._monitors[1:]],
-                min_delta=self.min_delta,
-                top_k=self._top_k,
-                delta=self.delta,
-                keep_every_n_epochs=self.keep_every_n_epochs,
-                # last follows every evaluation (not only saves, as in ModelCheckpoint), in the
-                # evaluation's own commit: a fit resumed from it replays nothing already judged.
-                save_last=bool(self.save_last),
-                patience=self.patience,
-                filename=self._template(),
-                # Lightning versions clashing names (-v1), so callbacks that differ only in
-                # their monitor share a directory as separate runs.
-                name=f"{run_name(self._template())}.{self.monitor or 'latest'}",
-                resume=resume,
-                overwrite=not resume,  # a second fit in the same place starts afresh
-                trackers=self.trackers,
-                baseline=self.baseline,
-                smooth=self.smooth,
-                tie_break=self.tie_break,
-                warmup=self.warmup,
-                async_write=self.async_write and not _uploads_every_save(trainer),
-                on_write_error=self.on_write_error,
                 extension=self.FILE_EXTENSION,
-                last_name=self._template(self.CHECKPOINT_NAME_LAST),
-                version_names=self._enable_version_counter,
                 writer=trainer.is_global_zero,
                 framework="lightning",
                 hparams=_hparams(trainer, pl_module),
-                storage_options=self.storage_options,
+                **options.as_kwargs(),
             )
         except Exception as e:  # every rank must fail, or the others hang at the next collective
             error = e
@@ -615,10 +569,7 @@ class BestCheckpoint(ModelCheckpoint):
     def _apply(self, view: _View, current: Any = None) -> None:
         """ModelCheckpoint's attributes, from the saver's state."""
         # With several monitors, ModelCheckpoint's attributes follow the first.
-        ranked = [
-            r for r in view.kept
-            if r.kind in _RANKED and r.score is not None and r.monitor == self._monitor_name
-        ]  # fmt: skip
+        ranked = [r for r in view.kept if r.ranked and r.monitor == self._monitor_name]
         assert self._saver is not None, "saves start after the saver opens"
         self.best_record = view.best
         self.best_model_path = view.best.path if view.best else ""
@@ -627,7 +578,9 @@ class BestCheckpoint(ModelCheckpoint):
             return  # ModelCheckpoint keeps no score for the latest checkpoints
         self.best_model_score = self._score(view.best) if view.best else None
         self.best_k_models = {r.path: self._score(r) for r in ranked}
-        if ranked and len(ranked) >= self._saver.policy.cap:
+        # Without a cap (save_top_k=-1) ModelCheckpoint's k-th best is the worst kept.
+        cap = self._saver.policy.cap
+        if ranked and (len(ranked) >= cap or cap == math.inf):
             self.kth_best_model_path = ranked[-1].path
             self.kth_value = self._score(ranked[-1])
         else:
@@ -662,23 +615,24 @@ class BestCheckpoint(ModelCheckpoint):
                     f"{prefix} reached {decision.score:0.5f} (best {best:0.5f}), saving model "
                     f"to {decision.record.path!r} as {self._why(decision.record.kind)}"
                 )
-            elif self.delta is not None:
-                rank_zero_info(f"{prefix} was not within {self.delta} of the best")
+            elif self.options.delta is not None:
+                rank_zero_info(f"{prefix} was not within {self.options.delta} of the best")
             else:
                 rank_zero_info(f"{prefix} was not in top {self.save_top_k}")
         if decision.should_stop and not trainer.should_stop:
             kept = view.best.score if view.best else None
             best_text = f" (best {kept:0.5f})" if kept is not None else ""
             rank_zero_info(
-                f"{prefix} did not improve in the last {self.patience} evaluations{best_text}. "
+                f"{prefix} did not improve in the last {self.options.patience} evaluations"
+                f"{best_text}. "
                 "Signaling Trainer to stop."
             )
 
     def _why(self, kind: str) -> str:
-        if kind == "ensemble" or (kind == "best" and self.delta is not None):
-            return f"a member of the delta-ensemble (within {self.delta} of the best)"
+        if kind == "ensemble" or (kind == "best" and self.options.delta is not None):
+            return f"a member of the delta-ensemble (within {self.options.delta} of the best)"
         if kind == "periodic":
-            return f"every {self.keep_every_n_epochs} epochs"
+            return f"every {self.options.keep_every_n_epochs} epochs"
         return f"top {self.save_top_k}"
 
     # -- resuming -------------------------------------------------------------------------------
@@ -714,7 +668,7 @@ class BestCheckpoint(ModelCheckpoint):
         return self._saver.kept if self._saver is not None else []
 
 
-def _mode(monitor: str, mode: str) -> str:
+def _mode(monitor: str, mode: str = "auto") -> str:
     """``mode``, with ``"auto"`` read from the metric's name; a name the table cannot place
     gets ModelCheckpoint's default, ``"min"``, with a warning."""
     if mode != "auto":

@@ -22,19 +22,22 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import FrameType, TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from bestsave import BestSaver, Decision, Record, Staged, fetch, load_manifest
 from bestsave.layout import runs_in
 from bestsave.messages import warn
-from bestsave.naming import DEFAULT_TEMPLATE
-from bestsave.policy import Smooth
 from bestsave.staging import Stager
 from bestsave.store import open_store
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from bestsave.options import CoreOptions
 
 __all__ = ["Terminated", "TorchCheckpointer"]
 
@@ -53,12 +56,11 @@ def global_rank() -> int:
 class TorchCheckpointer:
     """Keeps the best checkpoints of a plain PyTorch loop.
 
-    Accepts every :class:`bestsave.BestSaver` option (several monitors, ``smooth``,
-    ``tie_break``, ``warmup``, ``baseline``, ``name``, ``last_name``, ``periodic_start``
-    included), with the same meaning: a directory holding an earlier run of the same name is an
-    error (:class:`bestsave.RunExistsError`) unless ``resume=True`` continues it or
-    ``overwrite=True`` replaces it (its files stay until this run keeps its first one). Kept
-    files go to ``dirpath``; the run's manifest, history and records to
+    Takes every option of :class:`bestsave.BestSaver` (described on
+    :class:`bestsave.SaverOptions`), with the same meaning: a directory holding an earlier run
+    of the same name is an error (:class:`bestsave.RunExistsError`) unless ``resume=True``
+    continues it or ``overwrite=True`` replaces it (its files stay until this run keeps its
+    first one). Kept files go to ``dirpath``; the run's manifest, history and records to
     ``dirpath/.bestsave/<name>/``. Plus:
 
     Args:
@@ -83,38 +85,19 @@ class TorchCheckpointer:
         dirpath: str | os.PathLike[str],
         monitor: str | Sequence[str],
         mode: str | Sequence[str] = "auto",
-        min_delta: float = 0.0,
-        top_k: int | None = None,
-        delta: float | None = None,
-        keep_every_n_epochs: int | None = None,
-        save_last: bool | Literal["link"] = False,
-        patience: int | None = None,
-        filename: str = DEFAULT_TEMPLATE,
-        resume: bool = False,
-        overwrite: bool = False,
-        trackers: str | Iterable[Any] = "auto",
         *,
-        smooth: Smooth = None,
-        tie_break: str | tuple[str, str] | None = None,
-        warmup: int = 0,
-        baseline: float | None = None,
-        periodic_start: int | None = None,
-        name: str | None = None,
-        last_name: str = "last",
         save_weights_only: bool = False,
         format: Literal["torch", "safetensors"] = "torch",
-        async_write: bool = True,
-        on_write_error: Literal["raise", "warn"] = "raise",
         rank: int | None = None,
         hparams: Mapping[str, Any] | None = None,
-        storage_options: Mapping[str, Any] | None = None,
+        **options: Unpack[CoreOptions],
     ) -> None:
         if format not in ("torch", "safetensors"):
             raise ValueError(f"format must be 'torch' or 'safetensors', not {format!r}")
         if format == "safetensors":
             import safetensors.torch  # noqa: F401 - fail here, not at the first save
 
-            if save_last:
+            if options.get("save_last"):
                 raise ValueError(
                     "save_last keeps the optimizer and loop state, which safetensors cannot "
                     "hold: use format='torch' to resume, or save_last=False"
@@ -126,32 +109,15 @@ class TorchCheckpointer:
         self.saver = BestSaver(
             dirpath,
             monitor,
-            mode=mode,
-            min_delta=min_delta,
-            top_k=top_k,
-            delta=delta,
-            keep_every_n_epochs=keep_every_n_epochs,
-            save_last=save_last,
-            patience=patience,
-            filename=filename,
-            resume=resume,
-            overwrite=overwrite,
-            trackers=trackers,
-            smooth=smooth,
-            tie_break=tie_break,
-            warmup=warmup,
-            baseline=baseline,
-            periodic_start=periodic_start,
-            name=name,
-            last_name=last_name,
-            async_write=async_write,
-            on_write_error=on_write_error,
+            mode,
             extension=self.extension,
             writer=self.rank == 0,
             framework="torch",
             hparams=hparams,
-            storage_options=storage_options,
+            **options,
         )
+        storage_options = self.saver.options.storage_options
+        resume = self.saver.options.resume
         self._storage_options = dict(storage_options or {})
         self._resume = resume
         self._objects: dict[str, Any] = {}

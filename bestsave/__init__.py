@@ -15,26 +15,33 @@ from bestsave.manifest import (
 from bestsave.messages import BestSaveWarning
 from bestsave.metrics import MissingMetricError, ScoreTypeError
 from bestsave.monitor import Monitor, infer_mode
+from bestsave.options import CoreOptions, Options, SaverOptions, SharedOptions
+from bestsave.pipeline import Staged, WriteError
 from bestsave.policy import Policy, PolicyState, Verdict
 from bestsave.record import Record
-from bestsave.saver import BestSaver, Decision, RunExistsError, Staged, WriteError
+from bestsave.rundir import RunExistsError
+from bestsave.saver import BestSaver, Decision
 from bestsave.tracker import Tracker
 
 __all__ = [
     "BestSaveWarning",
     "BestSaver",
     "ChecksumError",
+    "CoreOptions",
     "Decision",
     "DirectoryLockedError",
     "Manifest",
     "ManifestError",
     "MissingMetricError",
     "Monitor",
+    "Options",
     "Policy",
     "PolicyState",
     "Record",
+    "SaverOptions",
     "RunExistsError",
     "ScoreTypeError",
+    "SharedOptions",
     "Staged",
     "Tracker",
     "Verdict",

@@ -7,7 +7,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from bestsave.commit import Abandoned, Job
+from bestsave.jobs import Abandoned, Job
 
 
 class BackgroundWriter:

@@ -18,203 +18,19 @@ earlier run stays whole until then, and its files are deleted as evicted ones ar
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from collections.abc import Mapping
+from dataclasses import replace
 
+from bestsave.history import HistoryLine
+from bestsave.jobs import Abandoned, Job, NewFile
 from bestsave.layout import HISTORY, RunFiles
 from bestsave.manifest import Manifest
+from bestsave.plan import ordered
+from bestsave.policy import Policy
 from bestsave.record import Record
-from bestsave.staging import Snapshot
-from bestsave.store import HashingFile, Store, file_digest
-
-
-class Content(Protocol):
-    """The bytes of a new checkpoint, captured on the training thread."""
-
-    digest: tuple[int, str] | None
-    """Size and sha256 of the written file when they were taken while writing it."""
-
-    def materialize(self, path: str) -> str:
-        """Write the checkpoint (to ``path`` if it is not written yet); returns where it is."""
-
-    def release(self) -> None:
-        """Free what the capture holds; called once, whether the file was written or not."""
-
-
-class Abandoned(Exception):
-    """A write given up because the job after it deletes the file (see :meth:`Job.abandon`)."""
-
-    def __str__(self) -> str:
-        return "a newer checkpoint replaces this one"
-
-
-class WrittenFile:
-    """A checkpoint a plain ``write(path)`` already wrote to a local file."""
-
-    digest: tuple[int, str] | None = None
-
-    def __init__(self, path: str) -> None:
-        self.path: str | None = path
-
-    def materialize(self, path: str) -> str:
-        written, self.path = self.path, None  # the committer owns the file from here
-        assert written is not None
-        return written
-
-    def release(self) -> None:
-        if self.path is not None and os.path.exists(self.path):
-            os.unlink(self.path)
-
-
-class Captured:
-    """A snapshot taken by ``Staged.capture``, serialised when the job runs."""
-
-    def __init__(
-        self, serialize: Callable[[Any, Any], Any], snapshot: Any, stream: bool = False
-    ) -> None:
-        self.serialize = serialize
-        self.snapshot = snapshot
-        self.stream = stream
-        self.digest: tuple[int, str] | None = None
-        self._abandoned = False
-
-    def materialize(self, path: str) -> str:
-        if not self.stream:
-            self.serialize(self.snapshot, path)
-            return path
-        # The snapshot's buffers stay unchanged while it is written: the file may read them
-        # after its write() returns.
-        stable = self.snapshot.spans() if isinstance(self.snapshot, Snapshot) else ()
-        try:
-            with HashingFile(path, stable=stable, interrupt=self._interrupt) as f:
-                self.serialize(self.snapshot, f)
-        except Exception as e:
-            if self._abandoned:  # torch.save ends the archive on the way out, and fails at it
-                raise Abandoned from e
-            raise
-        self.digest = f.digest()
-        return path
-
-    def abandon(self) -> None:
-        """Stop writing at the next block (a streamed write; others run to the end)."""
-        self._abandoned = True
-
-    def _interrupt(self) -> None:
-        if self._abandoned:
-            raise Abandoned
-
-    def release(self) -> None:
-        release = getattr(self.snapshot, "release", None)
-        if callable(release):
-            release()
-        self.snapshot = None
-
-
-class Lost:
-    """Bytes released for a newer snapshot whose capture then failed: never written."""
-
-    digest: tuple[int, str] | None = None
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-    def materialize(self, path: str) -> str:
-        raise RuntimeError(
-            "this checkpoint's snapshot was released for a newer one, whose capture failed"
-        ) from self.error
-
-    def release(self) -> None:
-        pass
-
-
-@dataclass
-class NewFile:
-    """One file a job creates: its record, the temporary name, and its bytes or a twin's."""
-
-    record: Record
-    tmp: str
-    content: Content | None = None
-    same_as: str | None = None
-    """Name of a file of the same job holding the same bytes (linked, not written again)."""
-
-
-@dataclass(frozen=True)
-class SaverState:
-    """What the saver has decided up to an evaluation: restored when a later write fails."""
-
-    policies: dict[str, Any]
-    """Each monitor's policy state, as a dict."""
-    evaluations: int
-    last_epoch: int | None
-    kept: tuple[Record, ...]
-    last: Record | None
-    warned: tuple[str, ...]
-
-
-@dataclass
-class Job:
-    """Everything to make durable for one or more evaluations."""
-
-    files: list[NewFile] = field(default_factory=list)
-    evict: list[Record] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
-    state: SaverState | None = None
-    best_name: str | None = None
-
-    def release(self) -> None:
-        for f in self.files:
-            if f.content is not None:
-                f.content.release()
-
-    def abandon(self) -> None:
-        """Stop writing this job's files where they can be stopped: the job after it deletes
-        them all (:meth:`superseded`) and takes over the rest of it (:meth:`absorb`)."""
-        for f in self.files:
-            if isinstance(f.content, Captured):
-                f.content.abandon()
-
-    def superseded(self) -> set[str]:
-        """Names of the files this job evicts or replaces (a rolling ``last``)."""
-        return {r.name for r in self.evict} | {f.record.name for f in self.files}
-
-    def lost(self, names: set[str], error: BaseException) -> Job:
-        """This job with the files in ``names`` lost to ``error``: its write fails as a whole
-        (or loses its files, when the saver keeps evaluations)."""
-        for f in self.files:
-            if f.record.name in names:
-                f.content, f.same_as = Lost(error), None
-        return self
-
-    def absorb(self, newer: Job) -> Job:
-        """This pending job merged with a ``newer`` one: files the newer one supersedes are
-        never written (their snapshots are freed now); everything else is kept in order."""
-        dropped = newer.superseded()
-        files: list[NewFile] = []
-        for f in self.files:
-            if f.record.name not in dropped:
-                files.append(f)
-                continue
-            twins = [
-                t for t in self.files if t.same_as == f.record.name and t.record.name not in dropped
-            ]
-            if f.content is not None and twins:
-                # A surviving twin (a periodic copy of a dropped best) takes over the bytes.
-                twins[0].content, twins[0].same_as = f.content, None
-                for t in twins[1:]:
-                    t.same_as = twins[0].record.name
-            elif f.content is not None:
-                f.content.release()
-        never_written = {f.record.name for f in self.files}
-        return Job(
-            files=files + newer.files,
-            evict=self.evict + [r for r in newer.evict if r.name not in never_written],
-            lines=self.lines + newer.lines,
-            state=newer.state,
-            best_name=newer.best_name,
-        )
+from bestsave.state import RunHeader, RunState
+from bestsave.store import Store, file_digest
 
 
 class Committer:
@@ -224,26 +40,28 @@ class Committer:
         self,
         store: Store,
         files: RunFiles,
-        header: dict[str, Any],
+        header: RunHeader,
         history_bytes: int,
-        committed: SaverState,
+        committed: RunState,
+        policies: Mapping[str, Policy],
+        *,
         keep_evaluations: bool = False,
         replacing: list[str] | None = None,
         replace_at: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
+        self.files = files
+        self.header = header
+        self.policies = policies
         self.keep_evaluations = keep_evaluations
         """A failed file write still records its evaluation (training goes on); otherwise the
         job is undone whole, so a resumed run repeats it."""
-        self.files = files
         self.replacing = replacing
         """The files of an earlier run this one replaces, deleted at this run's first commit
         (None when there is no earlier run)."""
         self.replace_at = replace_at
         """Kinds of file that the first commit must hold: until this run keeps one, it writes
         nothing, and the earlier run stays whole. Empty: the first job commits."""
-        self.header = header
-        """run, monitor, mode and policy: the manifest's fixed part."""
         self.history_bytes = history_bytes
         self.committed = committed
         """The state the manifest on disk describes."""
@@ -256,7 +74,7 @@ class Committer:
         them."""
         self._unfinished: dict[str, str] = {}
         """Renames a committed manifest asked for that failed; retried at the next job."""
-        self._carry: list[str] = []
+        self._carry: list[HistoryLine] = []
         """History lines of a job whose commit failed, written with the next one."""
 
     def filled(self, record: Record) -> Record:
@@ -276,9 +94,7 @@ class Committer:
         (with ``keep_evaluations`` the history lines wait for the next job); one after it
         leaves the job committed, its renames finished by the next job or the next start.
         """
-        store = self.store
-        state = job.state
-        assert state is not None
+        assert job.state is not None
         if (
             self.replacing is not None
             and self.replace_at
@@ -298,23 +114,35 @@ class Committer:
                 raise
             error, pending = e, {}
             lost = {f.record.name for f in job.files}
-            job = Job(lines=_amend(job.lines, lost, str(e)), state=state, best_name=job.best_name)
+            job = Job(lines=[line.lost(lost, str(e)) for line in job.lines], state=job.state)
+        evicting = self._commit(job, pending, digests)
+        error = self._tidy(job, pending, evicting) or error
+        if error is not None:
+            raise error
+        return [self.filled(f.record) for f in job.files], [self.filled(r) for r in job.evict]
+
+    def _commit(
+        self, job: Job, pending: dict[str, str], digests: dict[str, tuple[int, str]]
+    ) -> list[str]:
+        """Append the history and write the manifest: the commit point. Returns the files to
+        delete once it is durable."""
+        store, files, state = self.store, self.files, job.state
+        assert state is not None
         lines, self._carry = [*self._carry, *job.lines], []
-        history_bytes = self.history_bytes
-        files = self.files
-        replacing = self.replacing
+        text = "".join(line.to_json() for line in lines)
+        history_bytes, replacing = self.history_bytes, self.replacing
         try:
             if replacing is not None:
                 # The earlier run's history goes with its manifest: renamed in after the commit.
-                text = "".join(lines)
                 pending[files.history] = files.tmp(HISTORY)
                 store.write_text(pending[files.history], text)
                 self.history_bytes = len(text.encode("utf-8"))
-            elif lines:  # merged jobs: one append, one fsync
-                self.history_bytes = store.append_text(files.history, "".join(lines))
+            elif text:  # merged jobs: one append, one fsync
+                self.history_bytes = store.append_text(files.history, text)
             evicting = self._evicting(job, replacing or [])
-            manifest = self._manifest(job, state, pending, evicting)
-            store.write_text(files.manifest, manifest.to_json())
+            store.write_text(
+                files.manifest, self._manifest(job, state, pending, evicting).to_json()
+            )
         except BaseException as e:
             for tmp in pending.values():
                 store.delete(tmp)
@@ -323,7 +151,8 @@ class Committer:
                 store.truncate(files.history, history_bytes)
             self.history_bytes = history_bytes
             lost = {f.record.name for f in job.files}
-            self._carry = _amend(lines, lost, str(e)) if self.keep_evaluations else []
+            if self.keep_evaluations:
+                self._carry = [line.lost(lost, str(e)) for line in lines]
             self._lose(job, digests)
             raise
         self.lost -= set(pending)
@@ -331,8 +160,13 @@ class Committer:
         for r in job.evict:
             self.restored.pop(r.name, None)
         self.committed = state
-        # Committed: what follows only tidies up, and a failure leaves the rest to the next
-        # job or the next start (the manifest names the temporary files).
+        return evicting
+
+    def _tidy(self, job: Job, pending: dict[str, str], evicting: list[str]) -> OSError | None:
+        """After the commit: rename the new files into place, write their records, delete the
+        evicted. A failure here leaves the rest to the next job or the next start (the
+        manifest names the temporary files); it is returned, not raised."""
+        store, error = self.store, None
         self._unfinished.update(pending)
         for name, tmp in list(self._unfinished.items()):
             try:
@@ -340,19 +174,15 @@ class Committer:
                 del self._unfinished[name]
             except OSError as e:
                 error = error or e
-        written = [self.filled(f.record) for f in job.files]
-        evicted = [self.filled(r) for r in job.evict]
-        for r in written:
-            if r.kind != "last":
-                store.write_text(files.sidecar(r.name), sidecar_text(r))
+        for f in job.files:
+            if f.record.kind != "last":
+                store.write_text(self.files.sidecar(f.record.name), self.filled(f.record).to_json())
         for name in evicting:
             store.delete(name)
             self.digests.pop(name, None)
         store.sync()
-        store.sync(files.folder)
-        if error is not None:
-            raise error
-        return written, evicted
+        store.sync(self.files.folder)
+        return error
 
     def _defer(self, job: Job) -> tuple[list[Record], list[Record]]:
         """A job of a run that replaces an earlier one and has kept no checkpoint yet: the
@@ -421,78 +251,48 @@ class Committer:
         return [n for n in dict.fromkeys(evicted + replacing) if n not in reused]
 
     def _manifest(
-        self, job: Job, state: SaverState, pending: dict[str, str], evicting: list[str]
+        self, job: Job, state: RunState, pending: dict[str, str], evicting: list[str]
     ) -> Manifest:
         lost = self.lost - set(pending)
         kept = [self.filled(r) for r in state.kept if r.name not in lost]
         gone = {r.name for r in job.evict} | {r.name for r in kept}
-        kept += [r for r in self.restored.values() if r.name not in gone]
-        best_name = job.best_name
-        if best_name in lost:
-            best_name = _best_kept(kept, self.header["monitor"], self.header["mode"])
+        kept = ordered([*kept, *(r for r in self.restored.values() if r.name not in gone)],
+                       self.policies)  # fmt: skip
+        policies = dict(state.policies)
+        if lost:  # the rules' kept checkpoints are the files that exist
+            policies = {n: p.reranked(policies[n], kept) for n, p in self.policies.items()}
+        first = self.header.monitor
+        best = self.policies[first].best(policies[first], kept)
         last = state.last
         if last is not None and last.name in lost:
             last = self.committed.last
         return Manifest(
             dirpath=self.store.url,
-            run=self.header["run"],
-            monitor=self.header["monitor"],
-            mode=self.header["mode"],
-            monitors=self.header["monitors"],
-            policy=self.header["policy"],
+            run=self.header.run,
+            monitor=first,
+            mode=self.header.mode,
+            monitors=self.header.monitors,
+            policy=self.header.policy,
             kept=kept,
-            best_name=best_name,
+            best_name=best.name if best else None,
             last=self.filled(last) if last else None,
-            state={
-                "policies": _ranked_as_kept(state.policies, kept) if lost else state.policies,
-                "evaluations": state.evaluations,
-                "last_epoch": state.last_epoch,
-                "history_bytes": self.history_bytes,
-                "warned": list(state.warned),
-            },
+            state=replace(state, policies=policies).stored(self.history_bytes),
             pending={**self._unfinished, **pending},
             evicting=evicting,
             name=self.files.name,
         )
 
-
-_RANKED = ("best", "top_k", "ensemble")
-
-
-def _amend(lines: list[str], lost: set[str], error: str) -> list[str]:
-    """History lines whose files were never written: what they saved and evicted undone."""
-    out = []
-    for line in lines:
-        entry = json.loads(line)
-        decision = entry.get("decision", {})
-        if lost & set(decision.get("files", [])):
-            decision.update(
-                saved=False, kind=[], files=[], evicted=[], lost=sorted(lost), error=error
-            )
-        out.append(json.dumps(entry, default=str, allow_nan=False) + "\n")
-    return out
-
-
-def _ranked_as_kept(policies: dict[str, Any], kept: list[Record]) -> dict[str, Any]:
-    """Policy states whose ranked checkpoints are exactly the kept files ranked by score."""
-    out = {}
-    for monitor, state in policies.items():
-        ranked = [r for r in kept if r.monitor == monitor and r.kind in _RANKED]
-        known = {c[0]: c for c in state.get("ranked", [])}
-        out[monitor] = {**state, "ranked": [known.get(r.id, [r.id, r.score, None]) for r in ranked]}
-    return out
-
-
-def _best_kept(kept: list[Record], monitor: str, mode: str) -> str | None:
-    scored = [
-        (r.score, r.name)
-        for r in kept
-        if r.monitor == monitor and r.kind in _RANKED and r.score is not None
-    ]
-    if not scored:
-        return None
-    return (max(scored) if mode == "max" else min(scored))[1]
-
-
-def sidecar_text(record: Record) -> str:
-    return json.dumps(record.to_dict(), indent=1, default=str, allow_nan=False) + "\n"
+    def forget_lost(self, state: RunState) -> RunState:
+        """``state`` without the records of files that were never written, and with the files
+        a lost write would have evicted kept again; the best score, patience and history stay,
+        so every rank keeps deciding alike."""
+        restored = [r for r in self.restored.values() if r not in state.kept]
+        if not self.lost and not restored:
+            return state
+        kept = ordered([*(r for r in state.kept if r.name not in self.lost), *restored],
+                       self.policies)  # fmt: skip
+        policies = {n: p.reranked(state.policies[n], kept) for n, p in self.policies.items()}
+        last = state.last
+        if last is not None and last.name in self.lost:
+            last = self.committed.last
+        return replace(state, kept=tuple(kept), policies=policies, last=last)

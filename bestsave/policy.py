@@ -8,13 +8,13 @@ The saver carries it out; every adapter reaches the same decision from the same 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
+from bestsave.metrics import as_score
 from bestsave.monitor import Monitor
-
-Kind = Literal["best", "top_k", "ensemble", "periodic", "last", "exception"]
-
+from bestsave.record import Kind, Record
 
 Smooth = int | tuple[str, float] | None
 """``N`` (mean of the last N valid scores), ``("ema", alpha)``, or None."""
@@ -195,7 +195,7 @@ class Policy:
         start = n - 1 if self.periodic_start is None else self.periodic_start
         return epoch >= start and (epoch - start) % n == 0
 
-    def _rank_key(self, c: Candidate) -> tuple[float, float, int]:
+    def rank_key(self, c: Candidate) -> tuple[float, float, int]:
         # Best first; then the better tie-break value; then the older one, so that a full tie
         # keeps the incumbent.
         secondary = math.inf
@@ -203,8 +203,49 @@ class Policy:
             secondary = self.tie_break.rank_key(c.secondary)
         return (self.monitor.rank_key(c.score), secondary, c.id)
 
-    def _sorted(self, ranked: list[Candidate]) -> tuple[Candidate, ...]:
-        return tuple(sorted(ranked, key=self._rank_key))
+    def ranked(self, candidates: Iterable[Candidate]) -> tuple[Candidate, ...]:
+        """``candidates`` best first, as the rules rank them (ties: the tie-break, then the
+        older)."""
+        return tuple(sorted(candidates, key=self.rank_key))
+
+    def candidate(self, record: Record) -> Candidate:
+        """A kept record as the rules see it."""
+        assert record.score is not None, "only records kept for their score are ranked"
+        secondary = None
+        if self.tie_break is not None:
+            secondary = as_score(record.metrics.get(self.tie_break.name))[0]
+        return Candidate(record.id, record.score, secondary)
+
+    def best_of(self, records: Iterable[Record]) -> Record | None:
+        """The best of the records kept for this monitor's score, or None."""
+        mine = {r.id: r for r in records if r.ranked and r.monitor == self.monitor.name}
+        ranked = self.ranked(self.candidate(r) for r in mine.values())
+        return mine[ranked[0].id] if ranked else None
+
+    def best(self, state: PolicyState, records: Iterable[Record]) -> Record | None:
+        """The record of the best checkpoint ``state`` names, among ``records``; when its file
+        was lost, the best of the kept ones stands in."""
+        if state.best_id is None:
+            return None
+        mine = [r for r in records if r.ranked and r.monitor == self.monitor.name]
+        return next((r for r in mine if r.id == state.best_id), None) or self.best_of(mine)
+
+    def reranked(self, state: PolicyState, records: Iterable[Record]) -> PolicyState:
+        """``state`` whose checkpoints kept for their score are exactly those ``records``."""
+        known = {c.id: c for c in state.ranked}
+        mine = [r for r in records if r.ranked and r.monitor == self.monitor.name]
+        return replace(
+            state, ranked=self.ranked(known.get(r.id) or self.candidate(r) for r in mine)
+        )
+
+    def stops(self, state: PolicyState) -> bool:
+        """Patience is exhausted: that many evaluations passed without improvement."""
+        return self.patience is not None and state.since_improvement >= self.patience
+
+    def beats_baseline(self, score: float) -> bool:
+        """``score`` is better than the baseline, if there is one (``min_delta`` does not
+        apply: the baseline is a bar, not an earlier best)."""
+        return self.baseline is None or self.monitor.improves(score, self.baseline, margin=0.0)
 
     def beats(self, new: Candidate, old: Candidate, margin: float | None = None) -> bool:
         """``new`` improves on ``old`` by more than ``margin`` (``min_delta``), or ties with it
@@ -245,70 +286,60 @@ class Policy:
             score: The monitored value, None when invalid.
             secondary: The tie-break metric's value, None when absent or invalid.
         """
-        monitor = self.monitor
         periodic = self.is_periodic(epoch)
         score, state = self._judge(state, score)
         if epoch < self.warmup:
-            return Verdict(
-                False, None, periodic, (), self._stops(state.since_improvement), score
-            ), state
+            return Verdict(False, None, periodic, (), self.stops(state), score), state
         if score is None:
-            since = state.since_improvement + 1
-            verdict = Verdict(False, None, periodic, (), self._stops(since), None)
-            return verdict, replace(state, since_improvement=since)
+            state = replace(state, since_improvement=state.since_improvement + 1)
+            return Verdict(False, None, periodic, (), self.stops(state), None), state
 
         new = Candidate(id, score, secondary)
-        if state.best_id is None and state.best is None:
-            improved = self.baseline is None or monitor.improves(score, self.baseline)
+        if state.best is None:
+            improved = self.beats_baseline(score)
         else:
-            incumbent = Candidate(state.best_id or -1, state.best, state.best_secondary)  # type: ignore[arg-type]
+            incumbent = Candidate(state.best_id or -1, state.best, state.best_secondary)
             improved = self.beats(new, incumbent)
-        peak = score if state.peak is None else monitor.better(state.peak, score)
-        ranked = list(state.ranked)
-        evict: list[int] = []
-
-        if self.delta is not None:
-            # Members that a new peak leaves more than delta behind leave the ensemble.
-            for c in ranked:
-                if not monitor.within(c.score, peak, self.delta):
-                    evict.append(c.id)
-            ranked = [c for c in ranked if c.id not in evict]
-            eligible = monitor.within(score, peak, self.delta)
-        else:
-            eligible = True
-        if self.baseline is not None:
-            eligible = eligible and monitor.improves(score, self.baseline, margin=0.0)
-
-        enters = False
-        if eligible and self._cap > 0:
-            ordered = self._sorted(ranked)
-            if len(ordered) < self._cap:
-                enters = True
-            elif self.beats(new, ordered[-1]):
-                enters = True
-                evict.append(ordered[-1].id)
-                ranked = [c for c in ranked if c.id != ordered[-1].id]
-        if enters:
-            ranked.append(new)
-
+        peak = score if state.peak is None else self.monitor.better(state.peak, score)
+        ranked, evict, enters = self._rank(state.ranked, new, peak)
         if improved:
             keep: Kind | None = "best" if enters else None
         elif enters:
             keep = "ensemble" if self.delta is not None else "top_k"
         else:
             keep = None
-        since = 0 if improved else state.since_improvement + 1
-        new_state = replace(
+        state = replace(
             state,
             best=score if improved else state.best,
             best_id=id if improved else state.best_id,
             best_secondary=secondary if improved else state.best_secondary,
             peak=peak,
-            since_improvement=since,
-            ranked=self._sorted(ranked),
+            since_improvement=0 if improved else state.since_improvement + 1,
+            ranked=ranked,
         )
-        verdict = Verdict(improved, keep, periodic, tuple(evict), self._stops(since), score)
-        return verdict, new_state
+        return Verdict(improved, keep, periodic, evict, self.stops(state), score), state
 
-    def _stops(self, since_improvement: int) -> bool:
-        return self.patience is not None and since_improvement >= self.patience
+    def _rank(
+        self, ranked: tuple[Candidate, ...], new: Candidate, peak: float
+    ) -> tuple[tuple[Candidate, ...], tuple[int, ...], bool]:
+        """The checkpoints kept for their score once ``new`` is judged, the ids it pushes out,
+        and whether it enters."""
+        monitor, kept, evict = self.monitor, list(ranked), []
+        eligible = self.beats_baseline(new.score)
+        if self.delta is not None:
+            # Members that a new peak leaves more than delta behind leave the ensemble.
+            evict = [c.id for c in kept if not monitor.within(c.score, peak, self.delta)]
+            kept = [c for c in kept if c.id not in evict]
+            eligible = eligible and monitor.within(new.score, peak, self.delta)
+        enters = False
+        if eligible and self._cap > 0:
+            ordered = self.ranked(kept)
+            if len(ordered) < self._cap:
+                enters = True
+            elif self.beats(new, ordered[-1]):
+                enters = True
+                evict.append(ordered[-1].id)
+                kept.remove(ordered[-1])
+        if enters:
+            kept.append(new)
+        return self.ranked(kept), tuple(evict), enters

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
+
+Kind = Literal["best", "top_k", "ensemble", "periodic", "last", "exception"]
+"""Why a checkpoint was kept."""
+
+RANKED: frozenset[str] = frozenset({"best", "top_k", "ensemble"})
+"""The kinds kept for their score: ranked against each other, and evicted by better ones."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,22 @@ class Record:
     """The monitored value as logged (equal to ``score`` unless smoothed)."""
 
     @property
+    def ranked(self) -> bool:
+        """Kept for its score (best, top-k or ensemble), and so ranked by it."""
+        return self.kind in RANKED and self.score is not None
+
+    @property
     def name(self) -> str:
         """The file name, relative to the checkpoint directory."""
         return self.path.replace("\\", "/").rsplit("/", 1)[-1]
+
+    def moved(self, dirpath: str) -> Record:
+        """This record with ``path`` in ``dirpath``."""
+        return replace(self, path=join(dirpath, self.name))
+
+    def to_json(self) -> str:
+        """The record as its sidecar file holds it (strict JSON, newline included)."""
+        return json.dumps(self.to_dict(), indent=1, default=str, allow_nan=False) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
         """The record as stored: ``path`` is the file name alone."""

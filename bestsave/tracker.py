@@ -29,6 +29,16 @@ class Tracker(Protocol):
         """Training ended; ``best`` is the best checkpoint's record."""
 
 
+def notify_committed(trackers: Iterable[Any], written: list[Record], evicted: list[Record]) -> None:
+    """Tell ``trackers`` of the files a commit kept and deleted (the rolling ``last`` is none of
+    their business)."""
+    for r in evicted:
+        notify(trackers, "on_evict", r)
+    for r in written:
+        if r.kind != "last":
+            notify(trackers, "on_save", r, r.path)
+
+
 def notify(trackers: Iterable[Any], method: str, *args: Any) -> None:
     """Call ``method`` on every tracker; a tracker's failure is a warning, never a lost file."""
     for tracker in trackers:

@@ -14,9 +14,6 @@ from bestsave.record import Record
 Upload = Literal["best", "kept", "end"]
 """When a tracker uploads checkpoints: every new best, every kept file, or the final best only."""
 
-RANKED = ("best", "top_k", "ensemble")
-"""Kinds kept for their score."""
-
 
 def require(module: str, tracker: str) -> None:
     """Fail at construction, not at the first checkpoint, when the tracking library is missing.
@@ -32,13 +29,8 @@ def require(module: str, tracker: str) -> None:
 
 def record_dict(record: Record) -> dict[str, Any]:
     """The record as plain JSON values: what the sidecar file holds."""
-    data: dict[str, Any] = json.loads(json.dumps(record.to_dict(), default=str))
+    data: dict[str, Any] = json.loads(record.to_json())
     return data
-
-
-def record_json(record: Record) -> str:
-    """The record as the sidecar file's text."""
-    return json.dumps(record_dict(record), indent=1) + "\n"
 
 
 def best_values(record: Record) -> dict[str, Any]:

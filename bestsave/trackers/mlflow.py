@@ -46,7 +46,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 from bestsave.record import Record
-from bestsave.trackers.common import best_values, check_upload, is_local, record_json, require
+from bestsave.trackers.common import best_values, check_upload, is_local, require
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -182,7 +182,7 @@ class MLflowTracker:
             client.log_artifact(run_id, path, self.artifact_path)
         else:  # already in durable remote storage: point to it rather than copy it
             tags["best_checkpoint_uri"] = path
-        client.log_text(run_id, record_json(record), f"{where}.json")
+        client.log_text(run_id, record.to_json(), f"{where}.json")
         stamp = _millis(record.time)
         step = record.step if record.step is not None else record.epoch
         metrics = [

@@ -50,9 +50,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bestsave.record import Record
+from bestsave.record import RANKED, Record
 from bestsave.trackers.common import (
-    RANKED,
     Upload,
     best_values,
     check_upload,

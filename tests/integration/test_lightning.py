@@ -408,7 +408,7 @@ def test_lightning_cli_builds_it_from_a_yaml_config(tmp_path, monkeypatch):
     checkpoint = cli.trainer.checkpoint_callback
     assert isinstance(checkpoint, BestCheckpoint)
     assert cli.trainer.checkpoint_callbacks == [checkpoint]
-    assert checkpoint.save_last == "link" and checkpoint.patience == 3
+    assert checkpoint.save_last == "link" and checkpoint.options.patience == 3
     # Script [0.2, 0.6, 0.4, 0.5, 0.3]: best at epoch 1, top 2 = epochs 1 and 3.
     assert kept_epochs(checkpoint.dirpath) == [1, 3]
     assert os.path.basename(checkpoint.best_model_path) == "epoch=01-val_score=0.60.ckpt"

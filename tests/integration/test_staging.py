@@ -11,9 +11,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bestsave.commit import Abandoned, Captured
+from bestsave.hashing import HashingFile
+from bestsave.jobs import Abandoned, Captured
 from bestsave.staging import Stager
-from bestsave.store import HashingFile, file_digest
+from bestsave.store import file_digest
 
 
 def test_the_second_snapshot_reuses_buffers_allocated_beside_training():

@@ -268,8 +268,8 @@ def test_background_and_synchronous_writes_hold_the_same_tensors(tmp_path):
 
 
 def test_closing_gives_up_a_finishing_write_the_newer_best_replaces(tmp_path, monkeypatch):
-    from bestsave.commit import Captured
-    from bestsave.store import HashingFile
+    from bestsave.hashing import HashingFile
+    from bestsave.jobs import Captured
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))

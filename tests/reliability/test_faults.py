@@ -54,7 +54,7 @@ def oserror(code: int, path: str = "") -> OSError:
 def settle(ckpt: TorchCheckpointer) -> None:
     """Wait until the background writer has run or failed what it was given, so that the
     next step sees the failure: where a background error surfaces is then deterministic."""
-    worker = ckpt.saver._worker
+    worker = ckpt.saver._pipeline._worker
     if worker is not None:
         worker.flush()
 

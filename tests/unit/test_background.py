@@ -9,7 +9,7 @@ import pytest
 from runfiles import checkpoints, run_folder
 
 from bestsave import BestSaver, BestSaveWarning, Staged, WriteError, load_best, load_manifest
-from bestsave.commit import Captured
+from bestsave.jobs import Captured
 
 pytestmark = pytest.mark.core
 
@@ -49,7 +49,7 @@ def test_a_failed_background_write_raises_at_the_next_step_and_keeps_the_best(tm
     saver.step(0, {"val_acc": 0.5}, write=staged("e0"))
     saver.close()
     saver.step(1, {"val_acc": 0.9}, write=staged("e1", fail=OSError(5, "Input/output error")))
-    saver._worker.flush()
+    saver._pipeline._worker.flush()
     with pytest.raises(WriteError, match="Input/output error") as caught:
         saver.step(2, {"val_acc": 0.1}, write=staged("e2"))
     assert isinstance(caught.value.__cause__, OSError)
@@ -73,7 +73,7 @@ def test_warn_mode_trains_on_after_a_failed_write(tmp_path):
     saver = BestSaver(tmp_path, monitor="val_acc", on_write_error="warn")
     saver.step(0, {"val_acc": 0.5}, write=staged("e0"))
     saver.step(1, {"val_acc": 0.9}, write=staged("e1", fail=OSError(28, "No space left")))
-    saver._worker.flush()
+    saver._pipeline._worker.flush()
     with pytest.warns(BestSaveWarning, match="No space left"):
         saver.step(2, {"val_acc": 0.7}, write=staged("e2"))
     saver.close()

@@ -7,14 +7,15 @@ import threading
 
 import pytest
 
-from bestsave import store
-from bestsave.store import HashingFile, file_digest
+from bestsave import hashing
+from bestsave.hashing import HashingFile
+from bestsave.store import file_digest
 
 pytestmark = pytest.mark.core
 
 # Sizes around the edges of the aligned buffer: a tail shorter than a disk block, exactly one
 # buffer, and several buffers plus a tail, written in small and large pieces.
-BUFFER = store._AlignedBuffers.SIZE
+BUFFER = hashing._AlignedBuffers.SIZE
 PIECES = [
     [b"x" * 10],
     [os.urandom(BUFFER)],
@@ -35,7 +36,7 @@ def test_the_file_holds_what_was_written_and_its_digest(tmp_path, direct, pieces
 
 
 def test_direct_io_is_used_where_the_filesystem_offers_it(tmp_path):
-    offered = store._open_direct(str(tmp_path / "probe"))  # None: the platform or fs has none
+    offered = hashing._open_direct(str(tmp_path / "probe"))  # None: the platform or fs has none
     if offered is not None:
         os.close(offered)
     with HashingFile(tmp_path / "x.bin") as f:
@@ -82,7 +83,7 @@ def test_other_write_errors_are_raised(tmp_path, monkeypatch):
 def stable_memory(size):
     """Random bytes in memory that stays put, and its span for ``HashingFile(stable=...)``."""
     data = bytearray(os.urandom(size))
-    return data, (store._address(memoryview(data)), len(data))
+    return data, (hashing._address(memoryview(data)), len(data))
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
