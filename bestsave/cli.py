@@ -43,6 +43,7 @@ from typing import Any
 from bestsave.layout import META, runs_in
 from bestsave.manifest import ChecksumError, Manifest, load_manifest
 from bestsave.metrics import MissingMetricError, as_number
+from bestsave.monitor import Monitor, resolve_mode
 from bestsave.record import Record
 from bestsave.store import open_store
 
@@ -85,74 +86,94 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_views(commands)
+    _add_tools(commands)
+    return parser
 
-    def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
-        sub.set_defaults(command=run)
-        return sub
 
-    def run_option(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "--run",
-            "-r",
-            metavar="NAME",
-            help="the run to read, when the directory holds several (each saver's is named "
-            "after its file name template)",
-        )
+def _command(commands: Any, name: str, run: Any, help: str) -> argparse.ArgumentParser:
+    sub: argparse.ArgumentParser = commands.add_parser(name, help=help, description=help)
+    sub.set_defaults(command=run)
+    return sub
 
-    def metric_option(sub: argparse.ArgumentParser, what: str) -> None:
-        sub.add_argument(
-            "--metric",
-            "-m",
-            action="append",
-            default=[],
-            metavar="NAME",
-            help=f"a logged metric to {what} (repeat for more)",
-        )
 
-    ls = command("ls", _ls, "List the kept checkpoints, best first.")
+def _run_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--run",
+        "-r",
+        metavar="NAME",
+        help="the run to read, when the directory holds several (each saver's is named "
+        "after its file name template)",
+    )
+
+
+def _metric_option(sub: argparse.ArgumentParser, what: str) -> None:
+    sub.add_argument(
+        "--metric",
+        "-m",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"a logged metric to {what} (repeat for more)",
+    )
+
+
+def _add_views(commands: Any) -> None:
+    """The commands that show what a run kept: ls, show, plot."""
+    ls = _command(commands, "ls", _ls, "List the kept checkpoints, best first.")
     ls.add_argument("dir", help="the run's directory (the saver's dirpath)")
-    run_option(ls)
+    _run_option(ls)
     ls.add_argument(
         "--all",
         "-a",
         action="store_true",
         help="also list the checkpoints evicted since, from history.jsonl",
     )
-    metric_option(ls, "show as a column")
+    _metric_option(ls, "show as a column")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    show = command("show", _show, "Show the full record of the best (or the given) checkpoint.")
+    show = _command(
+        commands, "show", _show, "Show the full record of the best (or the given) checkpoint."
+    )
     show.add_argument("dir", help="the run's directory, or a checkpoint file in it")
-    run_option(show)
+    _run_option(show)
     show.add_argument("file", nargs="?", help="a kept checkpoint's file name (default: the best)")
     show.add_argument("--json", action="store_true", help="print the record as JSON")
 
-    plot = command("plot", _plot, "Plot the monitored metric per epoch, the kept ones marked.")
+    plot = _command(
+        commands, "plot", _plot, "Plot the monitored metric per epoch, the kept ones marked."
+    )
     plot.add_argument("dir", help="the run's directory")
-    run_option(plot)
+    _run_option(plot)
     plot.add_argument(
         "-o",
         "--output",
         default="curve.png",
         help="the image to write: .png, .svg or .pdf (default: curve.png)",
     )
-    metric_option(plot, "plot in its own panel")
+    _metric_option(plot, "plot in its own panel")
     plot.add_argument("--title", help="the figure's title")
 
-    repair = command(
+
+def _add_tools(commands: Any) -> None:
+    """The commands that mend, check, average and compare runs."""
+    repair = _command(
+        commands,
         "repair",
         _repair,
         "Rebuild a lost or damaged manifest from the run's records and history.",
     )
     repair.add_argument("dir", help="the run's directory")
-    run_option(repair)
+    _run_option(repair)
 
-    verify = command(
-        "verify", _verify, "Check files against the manifest; exit code 0 only when clean."
+    verify = _command(
+        commands,
+        "verify",
+        _verify,
+        "Check files against the manifest; exit code 0 only when clean.",
     )
     verify.add_argument("dir", nargs="+", help="the run's directory (several may be given)")
-    run_option(verify)
+    _run_option(verify)
     verify.add_argument(
         "--no-checksums",
         action="store_true",
@@ -160,9 +181,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--json", action="store_true", help="print the problems as JSON")
 
-    soup = command("soup", _soup, "Average the weights of the kept checkpoints into one file.")
+    soup = _command(
+        commands, "soup", _soup, "Average the weights of the kept checkpoints into one file."
+    )
     soup.add_argument("dir", help="the run's directory")
-    run_option(soup)
+    _run_option(soup)
     soup.add_argument(
         "-o",
         "--output",
@@ -176,12 +199,11 @@ def _parser() -> argparse.ArgumentParser:
         help="average the N best only (default: every checkpoint kept for its score)",
     )
 
-    compare = command("compare", _compare, "Show the best of several runs side by side.")
+    compare = _command(commands, "compare", _compare, "Show the best of several runs side by side.")
     compare.add_argument("dir", nargs="+", help="the runs' directories")
-    run_option(compare)
-    metric_option(compare, "show as a column")
+    _run_option(compare)
+    _metric_option(compare, "show as a column")
     compare.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
 
 
 def _positive_int(text: str) -> int:
@@ -396,12 +418,7 @@ def _compare(args: argparse.Namespace) -> int:
     manifests = [_load(d, args.run) for d in args.dir]
     labels = _labels(args.dir)
     monitors = {(m.monitor, m.mode) for m in manifests}
-    winner: Manifest | None = None
-    if len(monitors) == 1:  # scores compare only when the runs monitor the same metric
-        scored = [m for m in manifests if m.best is not None]
-        if scored:
-            _, mode = next(iter(monitors))
-            winner = (max if mode == "max" else min)(scored, key=_best_score)
+    winner = _winner(manifests) if len(monitors) == 1 else None
     rows: list[dict[str, Any]] = []
     for label, m in zip(labels, manifests, strict=True):
         best = m.best
@@ -491,9 +508,13 @@ def _load_all(directory: str, run: str | None) -> list[Manifest]:
     return [load_manifest(directory, name) for name in names] or [_load(directory, None)]
 
 
-def _best_score(manifest: Manifest) -> float:
-    best = manifest.best
-    return best.score if best is not None and best.score is not None else math.nan
+def _winner(manifests: list[Manifest]) -> Manifest | None:
+    """The run whose best is best (the first listed on a tie), when they monitor one metric."""
+    scored = [(m, m.best.score) for m in manifests if m.best and m.best.score is not None]
+    if not scored:
+        return None
+    monitor = Monitor(manifests[0].monitor, resolve_mode(manifests[0].monitor, manifests[0].mode))
+    return min(scored, key=lambda pair: monitor.rank_key(pair[1]))[0]
 
 
 def _row(record: Record, manifest: Manifest, status: str) -> dict[str, Any]:

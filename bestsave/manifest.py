@@ -68,14 +68,7 @@ class Manifest:
         state = self.state.get("policies", {}).get(monitor, {})
         best_id = state.get("best_id")
         return next(
-            (
-                r
-                for r in self.kept
-                if r.id == best_id
-                and r.monitor == monitor
-                and r.kind in ("best", "top_k", "ensemble")
-            ),
-            None,
+            (r for r in self.kept if r.id == best_id and r.monitor == monitor and r.ranked), None
         )
 
     @property
@@ -168,9 +161,12 @@ def read_manifest(store: Store, name: str) -> Manifest | None:
     return Manifest.from_json(text, store.url, name)
 
 
-def find_run(store: Store, run: str | None = None) -> str:
-    """The name of the run to read in ``store``'s directory: ``run``, or the only one there."""
-    runs = runs_in(store)
+def find_run(
+    store: Store, run: str | None = None, runs: list[str] | None = None, verb: str = "read"
+) -> str:
+    """The name of the run to ``verb`` in ``store``'s directory: ``run``, or the only one there.
+    ``runs`` are the runs to choose from: by default those with a manifest."""
+    runs = runs_in(store) if runs is None else runs
     if run is not None:
         if run in runs:
             return run
@@ -186,7 +182,7 @@ def find_run(store: Store, run: str | None = None) -> str:
         )
     raise ValueError(
         f"{store.url} holds {len(runs)} runs ({', '.join(map(repr, runs))}); "
-        f"name the one to read: run={runs[0]!r} (--run {runs[0]} on the command line)"
+        f"name the one to {verb}: run={runs[0]!r} (--run {runs[0]} on the command line)"
     )
 
 

@@ -89,17 +89,7 @@ def plot_history(
     best = manifest.best
     best_x = x[best.id] if best is not None and 0 <= best.id < len(x) else None
     for ax, name in zip(axes, panels, strict=True):
-        ax.plot(x, _series(history, name), marker=".", color="C0", label=name)
-        ax.margins(x=0.04, y=0.12)
-        partner = counterpart(name, logged)
-        if partner is not None:
-            ax.plot(
-                x, _series(history, partner), marker=".", linestyle="--", color="C1", label=partner
-            )
-        if best_x is not None:
-            ax.axvline(best_x, color="C2", linestyle=":", linewidth=1)
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
+        _panel(ax, x, history, name, counterpart(name, logged), best_x)
     _mark_kept(axes[0], manifest, x, _series(history, manifest.monitor), best)
     for ax in axes:
         ax.legend(loc="best", fontsize="small")
@@ -109,6 +99,25 @@ def plot_history(
     figure.suptitle(title if title is not None else f"{run}: {manifest.monitor} ({manifest.mode})")
     figure.savefig(out, dpi=120)
     return out
+
+
+def _panel(
+    ax: Any,
+    x: list[float],
+    history: list[dict[str, Any]],
+    name: str,
+    partner: str | None,
+    best_x: float | None,
+) -> None:
+    """One metric's panel: its curve, its training or validation counterpart's, the best."""
+    ax.plot(x, _series(history, name), marker=".", color="C0", label=name)
+    ax.margins(x=0.04, y=0.12)
+    if partner is not None:
+        ax.plot(x, _series(history, partner), marker=".", linestyle="--", color="C1", label=partner)
+    if best_x is not None:
+        ax.axvline(best_x, color="C2", linestyle=":", linewidth=1)
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
 
 
 def counterpart(name: str, logged: Iterable[str]) -> str | None:

@@ -30,15 +30,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bestsave.layout import MANIFEST, META, RunFiles
-from bestsave.manifest import Manifest
+from bestsave.manifest import Manifest, find_run
 from bestsave.monitor import Monitor, resolve_mode
-from bestsave.policy import Candidate, PolicyState
+from bestsave.plan import ordered
+from bestsave.policy import Policy, PolicyState
 from bestsave.record import Record, join
 from bestsave.store import Store, open_store
 
 __all__ = ["Repaired", "repair"]
-
-_RANKED = ("best", "top_k", "ensemble")
 
 
 @dataclass
@@ -69,51 +68,29 @@ def repair(
         ValueError: the records name no monitor to rebuild the run's state from.
     """
     store = open_store(os.fspath(dirpath), **storage_options)
-    name = _run(store, run)
+    # A run whose manifest is lost is still there by its records.
+    runs = [n for n in store.folders(META) if store.names(f"{META}/{n}")]
+    name = find_run(store, run, runs, verb="repair")
     files = RunFiles(name)
     damaged = store.read_text(files.manifest)
     salvaged = _salvage(damaged)
     records, extension, lost = _records(store, files)
     lines, history_bytes = _history(store.read_text(files.history) or "")
     extension = str(salvaged.get("policy", {}).get("extension", extension))
-    files = RunFiles(name, extension)
-
-    kept: list[Record] = []
-    for record in records:
-        if not store.exists(record.name):
-            lost.append(f"{record.name}: its file is missing ({_what(record)})")
-            continue
-        if record.sha256 and store.digest(record.name) != (record.bytes, record.sha256):
-            lost.append(f"{record.name}: its file differs from its record ({_what(record)})")
-            continue
-        kept.append(replace(record, path=join(store.url, record.name)))
-
-    monitors = _monitors(salvaged, records)
-    if not monitors:
-        raise ValueError(
-            f"cannot rebuild run {name!r} in {store.url}: neither its records nor what is left "
-            "of its manifest name the monitored metric; start a new run in another directory"
-        )
-    first, mode = next(iter(monitors.items()))
-    states = {
-        m: _state(Monitor(m, resolve_mode(m, d)), kept, lines, m == first)
-        for m, d in monitors.items()
-    }
-    best_id = states[first].best_id
-    best = next(
-        (r for r in kept if r.kind in _RANKED and r.monitor == first and r.id == best_id), None
-    )
-    last = _last(store, lines, extension, salvaged)
-    run_info = dict(salvaged.get("run") or (records[0].run if records else {}))
+    kept = _checked(store, records, lost)
+    policies = _policies(salvaged, records, f"run {name!r} in {store.url}")
+    first = next(iter(policies))
+    states = {m: _state(p, kept, lines, m == first) for m, p in policies.items()}
+    best = policies[first].best(states[first], kept)
     manifest = Manifest(
         dirpath=store.url,
-        run=run_info,
+        run=dict(salvaged.get("run") or (records[0].run if records else {})),
         monitor=first,
-        mode=mode,
+        mode=policies[first].monitor.mode,
         policy=dict(salvaged.get("policy") or {"extension": extension}),
-        kept=sorted(kept, key=lambda r: _order(r, monitors)),
+        kept=ordered(kept, policies),
         best_name=best.name if best else None,
-        last=last,
+        last=_last(store, lines, extension, salvaged),
         state={
             "policies": {m: s.to_dict() for m, s in states.items()},
             "evaluations": len(lines),
@@ -121,7 +98,7 @@ def repair(
             "history_bytes": history_bytes,
             "warned": [],
         },
-        monitors=monitors,
+        monitors={m: p.monitor.mode for m, p in policies.items()},
         name=name,
     )
     if damaged is not None:
@@ -130,22 +107,18 @@ def repair(
     return Repaired(manifest, manifest.kept, lost)
 
 
-def _run(store: Store, run: str | None) -> str:
-    runs = [n for n in store.folders(META) if store.names(f"{META}/{n}")]
-    if run is not None:
-        if run not in runs:
-            raise FileNotFoundError(f"no run named {run!r} in {store.url}/{META}")
-        return run
-    if len(runs) == 1:
-        return runs[0]
-    if not runs:
-        raise FileNotFoundError(
-            f"no bestsave run in {store.url}: it has no {META} folder with a run's records"
-        )
-    raise ValueError(
-        f"{store.url} holds {len(runs)} runs ({', '.join(map(repr, runs))}); name the one to "
-        f"repair: run={runs[0]!r} (--run {runs[0]} on the command line)"
-    )
+def _checked(store: Store, records: list[Record], lost: list[str]) -> list[Record]:
+    """The records whose file is there and holds the bytes they describe; the others are
+    told in ``lost``."""
+    kept = []
+    for record in records:
+        if not store.exists(record.name):
+            lost.append(f"{record.name}: its file is missing ({_what(record)})")
+        elif record.sha256 and store.digest(record.name) != (record.bytes, record.sha256):
+            lost.append(f"{record.name}: its file differs from its record ({_what(record)})")
+        else:
+            kept.append(replace(record, path=join(store.url, record.name)))
+    return kept
 
 
 def _salvage(text: str | None) -> dict[str, Any]:
@@ -198,28 +171,36 @@ def _history(text: str) -> tuple[list[dict[str, Any]], int]:
     return lines, size
 
 
-def _monitors(salvaged: dict[str, Any], records: list[Record]) -> dict[str, str]:
-    if salvaged.get("monitors"):
-        return {str(k): str(v) for k, v in salvaged["monitors"].items()}
-    out: dict[str, str] = {}
-    for record in records:
-        if record.kind in _RANKED and record.monitor:
-            out.setdefault(record.monitor, record.mode)
-    return out
+def _policies(salvaged: dict[str, Any], records: list[Record], run: str) -> dict[str, Policy]:
+    """The rules that rank the run's checkpoints: its monitors, and its tie-break."""
+    monitors = {str(k): str(v) for k, v in (salvaged.get("monitors") or {}).items()}
+    if not monitors:
+        for record in records:
+            if record.ranked and record.monitor:
+                monitors.setdefault(record.monitor, record.mode)
+    if not monitors:
+        raise ValueError(
+            f"cannot rebuild {run}: neither its records nor what is left of its manifest name "
+            "the monitored metric; start a new run in another directory"
+        )
+    tie = salvaged.get("policy", {}).get("tie_break")
+    tie_break = None
+    if isinstance(tie, list) and len(tie) == 2:
+        tie_break = Monitor(str(tie[0]), resolve_mode(str(tie[0]), str(tie[1])))
+    return {
+        m: Policy(Monitor(m, resolve_mode(m, mode)), tie_break=tie_break)
+        for m, mode in monitors.items()
+    }
 
 
 def _state(
-    monitor: Monitor, kept: list[Record], lines: list[dict[str, Any]], first: bool
+    policy: Policy, kept: list[Record], lines: list[dict[str, Any]], first: bool
 ) -> PolicyState:
     """The rules' state after the history: the kept checkpoints ranked, the best, the peak and
     how many evaluations passed since the best."""
-    ranked = sorted(
-        (
-            r
-            for r in kept
-            if r.kind in _RANKED and r.monitor == monitor.name and r.score is not None
-        ),
-        key=lambda r: (monitor.rank_key(r.score), r.id),  # type: ignore[arg-type]
+    monitor = policy.monitor
+    ranked = policy.ranked(
+        policy.candidate(r) for r in kept if r.ranked and r.monitor == monitor.name
     )
     scores = [
         line.get("score") if first else (line.get("scores") or {}).get(monitor.name)
@@ -232,7 +213,7 @@ def _state(
         best_id=best.id if best else None,
         peak=(max(valid) if monitor.mode == "max" else min(valid)) if valid else None,
         since_improvement=len(lines) - 1 - best.id if best and lines else 0,
-        ranked=tuple(Candidate(r.id, r.score) for r in ranked),  # type: ignore[arg-type]
+        ranked=ranked,
     )
 
 
@@ -262,13 +243,6 @@ def _last(
         sha256=sha,
         id=len(lines) - 1,
     )
-
-
-def _order(record: Record, monitors: dict[str, str]) -> tuple[int, int, float, int]:
-    if record.kind in _RANKED and record.score is not None and record.monitor in monitors:
-        key = Monitor(record.monitor, monitors[record.monitor]).rank_key(record.score)  # type: ignore[arg-type]
-        return (0, list(monitors).index(record.monitor), key, record.id)
-    return (1, 0, float(record.epoch), record.id)
 
 
 def _what(record: Record) -> str:

@@ -57,9 +57,8 @@ from typing import Any
 from bestsave.manifest import fetch, load_manifest
 from bestsave.record import Record
 
-__all__ = ["RANKED", "average", "members", "soup"]
+__all__ = ["average", "members", "soup"]
 
-RANKED = ("best", "top_k", "ensemble")
 """Kinds of checkpoints kept for their score: the ones a soup is made of."""
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -77,7 +76,7 @@ def members(
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
         raise ValueError(f"top must be an int >= 1 (how many of the best to average), not {top!r}")
     manifest = load_manifest(dirpath, run, **storage_options)
-    ranked = [r for r in manifest.kept if r.kind in RANKED and r.score is not None]
+    ranked = [r for r in manifest.kept if r.ranked]
     if not ranked:
         raise ValueError(
             f"the run in {manifest.dirpath} keeps no checkpoint for its score, nothing to "

@@ -135,22 +135,49 @@ def verify(
     store = open_store(os.fspath(dirpath), **storage_options)
     manifest = _manifest(store, run)
     files = manifest.files
-    extension = files.extension
-    folder = files.folder
-    present = set(store.names()) | {f"{folder}/{n}" for n in store.names(folder)}
-    expected = {files.manifest, files.history, files.lock}
-    # Files other runs in the directory keep are theirs, not extra.
-    for other in runs_in(store):
-        if other != manifest.name:
-            theirs = read_manifest(store, other)
-            if theirs is not None:
-                expected |= {r.name for r in theirs.kept} | (
-                    {theirs.last.name} if theirs.last else set()
+    present = set(store.names()) | {f"{files.folder}/{n}" for n in store.names(files.folder)}
+    expected = {files.manifest, files.history, files.lock} | _files_of_other_runs(store, manifest)
+    problems = _check_records(store, manifest, present, expected, checksums)
+    for name in manifest.evicting:
+        if name in present and name not in expected:
+            expected.add(name)
+            problems.append(
+                Leftover(
+                    name,
+                    "evicted but not yet deleted (a crash); resume the "
+                    "run (resume=True) to delete it, or delete it",
                 )
-    problems: list[Problem] = []
+            )
+    problems += _check_unlisted(store, manifest, sorted(present - expected))
+    if manifest.best_name is not None and manifest.best is None:
+        problems.append(
+            Inconsistent(
+                files.manifest,
+                f"its best, {manifest.best_name}, is not among "
+                "its kept checkpoints; the manifest was edited",
+            )
+        )
+    problems += _check_history(store, manifest)
+    return problems
 
-    records = [*manifest.kept, *([manifest.last] if manifest.last else [])]
-    for record in records:
+
+def _files_of_other_runs(store: Store, manifest: Manifest) -> set[str]:
+    """Files other runs in the directory keep: theirs, not extra."""
+    names: set[str] = set()
+    for other in runs_in(store):
+        theirs = read_manifest(store, other) if other != manifest.name else None
+        if theirs is not None:
+            names |= {r.name for r in theirs.kept} | ({theirs.last.name} if theirs.last else set())
+    return names
+
+
+def _check_records(
+    store: Store, manifest: Manifest, present: set[str], expected: set[str], checksums: bool
+) -> list[Problem]:
+    """The problems of the files ``manifest`` lists; adds their names to ``expected``."""
+    problems: list[Problem] = []
+    files = manifest.files
+    for record in [*manifest.kept, *([manifest.last] if manifest.last else [])]:
         expected.add(record.name)
         if record.kind != "last":  # ``last`` has no sidecar: the manifest holds its record
             side = files.sidecar(record.name)
@@ -180,19 +207,14 @@ def verify(
             )
             continue
         problems += _check_bytes(store, record, location, checksums)
+    return problems
 
-    for name in manifest.evicting:
-        if name in present and name not in expected:
-            expected.add(name)
-            problems.append(
-                Leftover(
-                    name,
-                    "evicted but not yet deleted (a crash); resume the "
-                    "run (resume=True) to delete it, or delete it",
-                )
-            )
-    unlisted = sorted(present - expected)
+
+def _check_unlisted(store: Store, manifest: Manifest, unlisted: list[str]) -> list[Problem]:
+    """The problems of files in the directory that no run lists."""
+    folder, extension = manifest.files.folder, manifest.files.extension
     orphans = _orphan_sidecars(store, [n for n in unlisted if n.startswith(f"{folder}/")])
+    problems: list[Problem] = []
     for name in unlisted:
         if name.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
             problems.append(
@@ -217,15 +239,6 @@ def verify(
                     "never loads it); delete it or move it out of the directory",
                 )
             )
-    if manifest.best_name is not None and manifest.best is None:
-        problems.append(
-            Inconsistent(
-                files.manifest,
-                f"its best, {manifest.best_name}, is not among "
-                "its kept checkpoints; the manifest was edited",
-            )
-        )
-    problems += _check_history(store, manifest)
     return problems
 
 
