@@ -450,6 +450,8 @@ class BestCheckpoint(ModelCheckpoint):
         if decision.saved:
             assert decision.record is not None
             self._saved(trainer, decision.record.path)
+        if self.save_last and view.last is not None and view.last.step == step:
+            self._saved(trainer, view.last.path)  # ModelCheckpoint saves last after the top-k
         if decision.should_stop:
             trainer.should_stop = True
 

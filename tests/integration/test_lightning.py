@@ -446,6 +446,18 @@ def test_parity_with_model_checkpoint_on_the_same_metrics(
     assert epochs(ours.best_k_models) == epochs(theirs.best_k_models)
     assert epochs([ours.best_model_path]) == epochs([theirs.best_model_path])
     assert ours.best_model_score.item() == pytest.approx(theirs.best_model_score.item())
+    assert epochs([ours.kth_best_model_path]) == epochs([theirs.kth_best_model_path])
+
+
+def test_the_latest_file_saved_is_last_as_in_model_checkpoint(tmp_path):
+    script = [0.3, 0.5, 0.4]
+    theirs = ModelCheckpoint(dirpath=tmp_path / "theirs", monitor="val_score", save_last=True)
+    fit(tmp_path, script, theirs)
+    ours = BestCheckpoint(dirpath=tmp_path / "ours", monitor="val_score", save_last=True)
+    fit(tmp_path, script, ours)
+    # ModelCheckpoint saves last after the top-k file, so it is the latest saved.
+    assert os.path.basename(theirs._last_checkpoint_saved) == "last.ckpt"
+    assert os.path.basename(ours._last_checkpoint_saved) == "last.ckpt"
 
 
 # -- DDP ------------------------------------------------------------------------------------------
