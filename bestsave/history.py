@@ -11,7 +11,7 @@ True
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -51,8 +51,9 @@ class HistoryLine:
     def to_json(self) -> str:
         """The line as written to ``history.jsonl`` (strict JSON, newline included); keys
         with no value are left out."""
-        data = asdict(self)
-        data["decision"] = {k: v for k, v in data["decision"].items() if v is not None}
+        # Shallow: asdict would deep-copy every metric, once per evaluation.
+        decision = {k: v for k, v in vars(self.decision).items() if v is not None}
+        data = {**vars(self), "decision": decision}
         if self.scores is None:
             del data["scores"]
         return json.dumps(data, default=str, allow_nan=False) + "\n"

@@ -105,25 +105,22 @@ def plan(
     for name, policy in policies.items():
         verdict = verdicts[name]
         if verdict.keep:
-            record = replace(
-                base,
-                kind=verdict.keep,
-                monitor=name,
-                mode=policy.monitor.mode,
-                score=verdict.score,
-                raw_score=evaluation.raw[name],
-            )
+            record = replace(base, kind=verdict.keep, monitor=name, mode=policy.monitor.mode,
+                             score=verdict.score, raw_score=evaluation.raw[name])  # fmt: skip
             stem = render(naming.filename, values(policy, verdict.score))
             new.append(_named(naming, record, stem, free))
     if first.periodic:
         stem = render(naming.filename, values(policies[first_name], first.score))
         evicted += _periodic(state, naming, replace(base, kind="periodic"), stem, new, free)
     stale = state.last if last and state.last and state.last.name != last.name else None
+    kept = state.kept  # most evaluations keep nothing new: no need to order it again
+    if new or evicted:
+        kept = tuple(ordered([*(r for r in state.kept if r not in evicted), *new], policies))
     next_state = RunState(
         {name: policy_state for name, (_, policy_state) in judged.items()},
         evaluations=state.evaluations + 1,
         last_epoch=base.epoch,
-        kept=tuple(ordered([*(r for r in state.kept if r not in evicted), *new], policies)),
+        kept=kept,
         last=last or state.last,
         warned=state.warned,
     )
