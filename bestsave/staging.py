@@ -84,7 +84,10 @@ class Stager:
         """Give another slot buffers like ``slot``'s, in a helper thread, pages touched, so the
         next snapshot costs a copy only. The next :meth:`snapshot` waits for it."""
         layout = dict(self._slots[slot])
-        spare = next((i for i in range(len(self._slots)) if i != slot), None)
+        with self._lock:
+            # Never a slot a write is reading: its buffers (and their list) must stay as they are.
+            free = (i for i in range(len(self._slots)) if i != slot and not self._busy[i].is_set())
+            spare = next(free, None)
         if spare is None:
             return
         self._warming = _helper(self._slots[spare], layout)
