@@ -30,7 +30,7 @@ from bestsave.plan import ordered
 from bestsave.policy import Policy
 from bestsave.record import Record
 from bestsave.state import RunHeader, RunState
-from bestsave.store import Store, file_digest
+from bestsave.store import Parts, Store, path_digest, remove_local
 
 
 class Committer:
@@ -66,6 +66,8 @@ class Committer:
         self.committed = committed
         """The state the manifest on disk describes."""
         self.digests: dict[str, tuple[int, str]] = {}
+        self.parts: dict[str, Parts] = {}
+        """The parts of each new file that is a folder."""
         self.lost: set[str] = set()
         """Files decided on but never written (a failed write): later manifests leave them
         out."""
@@ -82,7 +84,8 @@ class Committer:
         digest = self.digests.get(record.name)
         if digest is None or record.sha256:
             return record
-        return replace(record, bytes=digest[0], sha256=digest[1])
+        parts = self.parts.get(record.name, {})
+        return replace(record, bytes=digest[0], sha256=digest[1], parts=parts)
 
     def run(self, job: Job) -> tuple[list[Record], list[Record]]:
         """Make ``job`` durable; returns the records of the files it wrote and of those it
@@ -180,6 +183,7 @@ class Committer:
         for name in evicting:
             store.delete(name)
             self.digests.pop(name, None)
+            self.parts.pop(name, None)
         store.sync()
         store.sync(self.files.folder)
         return error
@@ -209,22 +213,25 @@ class Committer:
         try:
             for current in job.files:
                 name = current.record.name
-                if current.content is not None:
-                    local = current.content.materialize(store.scratch(current.tmp))
-                    if not os.path.exists(local):
-                        raise FileNotFoundError(f"write() was given {local} but wrote no file")
-                    self.digests[name] = current.content.digest or file_digest(local)
+                content = current.content
+                if content is not None:
+                    local = content.materialize(store.scratch(current.tmp))
+                    digest, parts = content.digest, content.parts
+                    if digest is None:
+                        if not os.path.exists(local):
+                            raise FileNotFoundError(f"write() was given {local} but wrote no file")
+                        digest, parts = path_digest(local)
+                    self.digests[name], self.parts[name] = digest, parts
                     store.publish(local, current.tmp)
                 else:
-                    store.link(pending[current.same_as or ""], current.tmp)
-                    self.digests[name] = self.digests[current.same_as or ""]
+                    twin = current.same_as or ""
+                    store.link(pending[twin], current.tmp)
+                    self.digests[name], self.parts[name] = self.digests[twin], self.parts[twin]
                 pending[name] = current.tmp
         except BaseException:
             if current is not None:  # the file being written when it failed, half there
                 store.delete(current.tmp)
-                scratch = store.scratch(current.tmp)
-                if os.path.exists(scratch):
-                    os.unlink(scratch)
+                remove_local(store.scratch(current.tmp))
             for tmp in pending.values():
                 store.delete(tmp)
             raise

@@ -7,7 +7,6 @@ written when the job runs, in the background or at once.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,6 +16,7 @@ from bestsave.history import HistoryLine
 from bestsave.record import Record
 from bestsave.staging import Snapshot
 from bestsave.state import RunState
+from bestsave.store import Parts, remove_local
 
 
 class Content(Protocol):
@@ -24,6 +24,8 @@ class Content(Protocol):
 
     digest: tuple[int, str] | None
     """Size and sha256 of the written file when they were taken while writing it."""
+    parts: Parts
+    """With ``digest``, for a folder: size and sha256 of each file in it."""
     background: bool
     """The rest of the save may run in the background."""
 
@@ -45,6 +47,7 @@ class WrittenFile:
     """A checkpoint a writer already wrote to a local file."""
 
     digest: tuple[int, str] | None = None
+    parts: Parts = {}  # noqa: RUF012 - read only
 
     def __init__(self, path: str, background: bool = False) -> None:
         self.path: str | None = path
@@ -56,8 +59,8 @@ class WrittenFile:
         return written
 
     def release(self) -> None:
-        if self.path is not None and os.path.exists(self.path):
-            os.unlink(self.path)
+        if self.path is not None:
+            remove_local(self.path)
 
 
 class Captured:
@@ -72,6 +75,7 @@ class Captured:
         self.snapshot = snapshot
         self.stream = stream
         self.digest: tuple[int, str] | None = None
+        self.parts: Parts = {}
         self._abandoned = False
 
     def materialize(self, path: str) -> str:
@@ -110,6 +114,7 @@ class Lost:
     """Bytes released for a newer snapshot whose capture then failed: never written."""
 
     digest: tuple[int, str] | None = None
+    parts: Parts = {}  # noqa: RUF012 - read only
     background = True
 
     def __init__(self, error: BaseException) -> None:

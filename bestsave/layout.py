@@ -92,8 +92,9 @@ class RunFiles:
         return f"{self.folder}/{tmp_name(name)}"
 
     def leftovers(self, store: Store) -> list[str]:
-        """Temporary files a crash left in the run's folder."""
-        return [f"{self.folder}/{n}" for n in store.names(self.folder) if n.startswith(TMP_PREFIX)]
+        """Temporary files (and folders) a crash left in the run's folder."""
+        names = store.names(self.folder) + store.folders(self.folder)
+        return [f"{self.folder}/{n}" for n in names if n.startswith(TMP_PREFIX)]
 
 
 def runs_in(store: Store) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from bestsave.layout import RunFiles, runs_in
 from bestsave.record import Record, join
-from bestsave.store import Store, file_digest, open_store
+from bestsave.store import Store, open_store, path_digest
 
 FORMAT = 2
 """2: bestsave's files in ``.bestsave/<run>/``; 1 had them beside the checkpoints."""
@@ -219,7 +219,7 @@ class ChecksumError(ValueError):
 
 
 def fetch(record: Record, **storage_options: Any) -> str:
-    """A local path to ``record``'s file, checked against the record's size and sha256.
+    """A local path to ``record``'s file (or folder), checked against its size and sha256.
 
     Remote files are downloaded first. A mismatch raises :class:`ChecksumError` naming the file.
     """
@@ -231,7 +231,7 @@ def fetch(record: Record, **storage_options: Any) -> str:
         )
     local = store.local_file(name)
     if record.sha256:
-        size, sha = file_digest(local)
+        (size, sha), _ = path_digest(local)
         if (size, sha) != (record.bytes, record.sha256):
             raise ChecksumError(
                 f"{record.path} does not match its record (sha256 {sha[:12]}... != "

@@ -49,6 +49,10 @@ class Record:
     """Index of the evaluation that produced it, counted from the run's first."""
     raw_score: float | None = None
     """The monitored value as logged (equal to ``score`` unless smoothed)."""
+    parts: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """For a checkpoint that is a folder (a sharded checkpoint): size and sha256 of each file
+    in it, by path inside it; ``bytes`` and ``sha256`` then describe the whole
+    (:func:`bestsave.store.tree_digest`). Empty for a file."""
 
     @property
     def ranked(self) -> bool:
@@ -72,12 +76,16 @@ class Record:
         """The record as stored: ``path`` is the file name alone."""
         data = asdict(self)
         data["path"] = self.name
+        if not self.parts:  # a file's record reads as it did before folders were kept
+            del data["parts"]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], dirpath: str | None = None) -> Record:
         """A record read from a manifest or sidecar; ``dirpath`` makes ``path`` loadable."""
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if "parts" in known:
+            known["parts"] = {p: (int(n), str(sha)) for p, (n, sha) in known["parts"].items()}
         record = cls(**known)
         if dirpath is not None:
             record = replace(record, path=join(dirpath, record.name))

@@ -30,6 +30,39 @@ def file_digest(path: str | os.PathLike[str]) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+Parts = dict[str, tuple[int, str]]
+"""Size and sha256 of each file of a checkpoint that is a folder, by path inside it."""
+
+
+def folder_parts(path: str | os.PathLike[str]) -> Parts:
+    """Size and sha256 of every file below a local folder, by ``/``-separated path in it."""
+    parts: Parts = {}
+    for folder, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(folder, name)
+            parts[os.path.relpath(full, path).replace(os.sep, "/")] = file_digest(full)
+    return parts
+
+
+def tree_digest(parts: Parts) -> tuple[int, str]:
+    """Size and sha256 of a folder checkpoint: its total size, and the sha256 of the list of
+    its parts (path, size and sha256 of each, sorted), so that one value names its content.
+
+    >>> tree_digest({"b": (1, "x"), "a": (2, "y")}) == tree_digest({"a": (2, "y"), "b": (1, "x")})
+    True
+    """
+    listing = "".join(f"{name}\t{size}\t{sha}\n" for name, (size, sha) in sorted(parts.items()))
+    return sum(size for size, _ in parts.values()), hashlib.sha256(listing.encode()).hexdigest()
+
+
+def path_digest(path: str | os.PathLike[str]) -> tuple[tuple[int, str], Parts]:
+    """Size and sha256 of a local file or folder, and a folder's parts (empty for a file)."""
+    if os.path.isdir(path):
+        parts = folder_parts(path)
+        return tree_digest(parts), parts
+    return file_digest(path), {}
+
+
 def tmp_name(name: str) -> str:
     """A fresh temporary name for ``name``: reserved prefix, so a crash leaves only those."""
     return f"{TMP_PREFIX}{secrets.token_hex(4)}-{name}"
@@ -43,17 +76,25 @@ class Store(Protocol):
     is_local: bool
 
     def scratch(self, name: str) -> str:
-        """A local path where a writer may write the file that will become ``name``."""
+        """A local path where a writer may write the file (or folder) that will become
+        ``name``."""
+
+    def shared(self, name: str) -> str:
+        """Where every process of a run, on any host, may write parts of the folder that will
+        become ``name`` (a sharded checkpoint): a path, or a URL for remote stores."""
 
     def publish(self, local: str, name: str) -> None:
-        """Make the file written at ``local`` (from :meth:`scratch`) durable as ``name``."""
+        """Make the file or folder written at ``local`` (from :meth:`scratch` or :meth:`shared`)
+        durable as ``name``."""
 
-    def rename(self, src: str, dst: str) -> None: ...
+    def rename(self, src: str, dst: str) -> None:
+        """Move ``src`` to ``dst``, replacing what is there (a folder too)."""
+
     def link(self, src: str, dst: str) -> None:
-        """``dst`` holds the bytes of ``src``: a hard link where possible, else a copy."""
+        """``dst`` holds the bytes of ``src``: hard links where possible, else a copy."""
 
     def delete(self, name: str) -> None:
-        """Remove ``name``; a missing file is not an error."""
+        """Remove the file or folder ``name``; a missing one is not an error."""
 
     def exists(self, name: str) -> bool: ...
     def names(self, folder: str = "") -> list[str]:
@@ -76,13 +117,21 @@ class Store(Protocol):
 
     def truncate(self, name: str, size: int) -> None: ...
     def digest(self, name: str) -> tuple[int, str]:
-        """Size and sha256 of a stored file."""
+        """Size and sha256 of a stored file (:func:`tree_digest` for a folder)."""
 
     def local_file(self, name: str) -> str:
-        """A local path holding the file's bytes, for loading."""
+        """A local path holding the file's (or folder's) bytes, for loading."""
 
     def sync(self, folder: str = "") -> None:
         """Make renames and deletions in the directory (or a folder below it) durable."""
+
+
+def files_below(store: Store, folder: str) -> list[str]:
+    """The paths of the files below ``folder`` in ``store``, relative to it."""
+    found = list(store.names(folder))
+    for sub in store.folders(folder):
+        found += [f"{sub}/{p}" for p in files_below(store, f"{folder}/{sub}")]
+    return found
 
 
 def open_store(url: str | os.PathLike[str], **storage_options: Any) -> Store:
@@ -111,6 +160,23 @@ def _fsync_dir(path: str) -> None:
 def fsync_file(path: str) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def remove_local(path: str) -> None:
+    """Remove a local file or folder; a missing one is not an error."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # filesystems without hard links get a copy
+        shutil.copyfile(src, dst)
+        fsync_file(dst)
 
 
 class LocalStore:
@@ -145,28 +211,41 @@ class LocalStore:
         self._ensure_dir(name)
         return self._path(name)
 
+    shared = scratch
+
     def publish(self, local: str, name: str) -> None:
         if os.path.abspath(local) != self._path(name):
             self._ensure_dir(name)
             os.replace(local, self._path(name))
-        fsync_file(self._path(name))
+        if not os.path.isdir(self._path(name)):
+            fsync_file(self._path(name))
+            return
+        for folder, _, names in os.walk(self._path(name)):
+            for part in names:
+                fsync_file(os.path.join(folder, part))
+            _fsync_dir(folder)
 
     def rename(self, src: str, dst: str) -> None:
-        os.replace(self._path(src), self._path(dst))
+        target = self._path(dst)
+        if os.path.isdir(target) and not os.path.islink(target):
+            # A folder is not replaced by a rename: the old one is moved aside first.
+            aside = os.path.join(os.path.dirname(target), tmp_name(os.path.basename(target)))
+            os.replace(target, aside)
+            os.replace(self._path(src), target)
+            shutil.rmtree(aside, ignore_errors=True)
+            return
+        os.replace(self._path(src), target)
 
     def link(self, src: str, dst: str) -> None:
         target = self._path(dst)
-        if os.path.lexists(target):
-            os.unlink(target)
-        try:
-            os.link(self._path(src), target)
-        except OSError:  # filesystems without hard links get a copy
-            shutil.copyfile(self._path(src), target)
-            fsync_file(target)
+        self.delete(dst)
+        if os.path.isdir(self._path(src)):
+            shutil.copytree(self._path(src), target, copy_function=_link_or_copy)
+            return
+        _link_or_copy(self._path(src), target)
 
     def delete(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(name))
+        remove_local(self._path(name))
 
     def exists(self, name: str) -> bool:
         return os.path.exists(self._path(name))
@@ -224,7 +303,7 @@ class LocalStore:
             os.truncate(self._path(name), size)
 
     def digest(self, name: str) -> tuple[int, str]:
-        return file_digest(self._path(name))
+        return path_digest(self._path(name))[0]
 
     def local_file(self, name: str) -> str:
         return self._path(name)
@@ -255,21 +334,43 @@ class FsspecStore:
     def scratch(self, name: str) -> str:
         return os.path.join(self._scratch_dir, tmp_name(name.rsplit("/", 1)[-1]))
 
+    def shared(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
     def publish(self, local: str, name: str) -> None:
+        if local == self.shared(name):  # written in place by every process
+            return
         try:
-            self.fs.put_file(local, self._path(name))
+            if os.path.isdir(local):
+                self.fs.put(local.rstrip("/") + "/", self._path(name), recursive=True)
+            else:
+                self.fs.put_file(local, self._path(name))
         finally:
-            os.unlink(local)
+            remove_local(local)
+
+    def _isdir(self, name: str) -> bool:
+        return bool(self.fs.isdir(self._fresh(name)))
 
     def rename(self, src: str, dst: str) -> None:
+        if self._isdir(src):
+            self.delete(dst)
+            self.fs.mv(self._path(src), self._path(dst), recursive=True)
+            return
         self.fs.mv(self._path(src), self._path(dst))
 
     def link(self, src: str, dst: str) -> None:
+        if self._isdir(src):
+            self.delete(dst)
+            self.fs.copy(self._path(src), self._path(dst), recursive=True)
+            return
         self.fs.copy(self._path(src), self._path(dst))
 
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self._path(name))
+            if self._isdir(name):
+                self.fs.rm(self._path(name), recursive=True)
+            else:
+                self.fs.rm_file(self._path(name))
 
     def _fresh(self, name: str) -> str:
         # Another process may have rewritten the file since this one listed the directory:
@@ -326,10 +427,14 @@ class FsspecStore:
             self.write_text(name, text.encode("utf-8")[:size].decode("utf-8", "ignore"))
 
     def digest(self, name: str) -> tuple[int, str]:
-        return file_digest(self.local_file(name))
+        return path_digest(self.local_file(name))[0]
 
     def local_file(self, name: str) -> str:
         local = os.path.join(self._scratch_dir, "cache-" + name.replace("/", "-"))
+        if self._isdir(name):
+            shutil.rmtree(local, ignore_errors=True)
+            self.fs.get(self._path(name).rstrip("/") + "/", local, recursive=True)
+            return local
         self.fs.get_file(self._fresh(name), local)
         return local
 

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 from bestsave.layout import runs_in
 from bestsave.manifest import Manifest, find_run, read_manifest
 from bestsave.record import Record, join
-from bestsave.store import TMP_PREFIX, Store, open_store
+from bestsave.store import TMP_PREFIX, Store, files_below, open_store
 
 __all__ = [
     "ChecksumMismatch",
@@ -135,7 +135,9 @@ def verify(
     store = open_store(os.fspath(dirpath), **storage_options)
     manifest = _manifest(store, run)
     files = manifest.files
-    present = set(store.names()) | {f"{files.folder}/{n}" for n in store.names(files.folder)}
+    inside = store.names(files.folder) + store.folders(files.folder)
+    present = set(store.names()) | {f"{files.folder}/{n}" for n in inside}
+    present |= set(store.folders()) & _listed(manifest)  # checkpoints that are folders
     expected = {files.manifest, files.history, files.lock} | _files_of_other_runs(store, manifest)
     problems = _check_records(store, manifest, present, expected, checksums)
     for name in manifest.evicting:
@@ -159,6 +161,10 @@ def verify(
         )
     problems += _check_history(store, manifest)
     return problems
+
+
+def _listed(manifest: Manifest) -> set[str]:
+    return {r.name for r in manifest.kept} | ({manifest.last.name} if manifest.last else set())
 
 
 def _files_of_other_runs(store: Store, manifest: Manifest) -> set[str]:
@@ -213,7 +219,8 @@ def _check_records(
 def _check_unlisted(store: Store, manifest: Manifest, unlisted: list[str]) -> list[Problem]:
     """The problems of files in the directory that no run lists."""
     folder, extension = manifest.files.folder, manifest.files.extension
-    orphans = _orphan_sidecars(store, [n for n in unlisted if n.startswith(f"{folder}/")])
+    records = [n for n in unlisted if n.startswith(f"{folder}/") and n.endswith(".json")]
+    orphans = _orphan_sidecars(store, records)
     problems: list[Problem] = []
     for name in unlisted:
         if name.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
@@ -282,6 +289,8 @@ def _what(record: Record) -> str:
 def _check_bytes(store: Store, record: Record, location: str, checksums: bool) -> list[Problem]:
     if not record.sha256:  # a record from before checksums were kept: nothing to compare
         return []
+    if record.parts:
+        return _check_parts(store, record, location, checksums)
     if checksums:
         size, sha = store.digest(location)
     else:
@@ -304,6 +313,34 @@ def _check_bytes(store: Store, record: Record, location: str, checksums: bool) -
             actual_sha256=sha,
         )
     ]
+
+
+def _check_parts(store: Store, record: Record, location: str, checksums: bool) -> list[Problem]:
+    """A folder checkpoint: every part against its recorded size and sha256, and no part
+    missing or added."""
+    problems: list[Problem] = []
+    for part, expected in sorted(record.parts.items()):
+        where = f"{location}/{part}"
+        if not store.exists(where):
+            problems.append(
+                Missing(
+                    where,
+                    f"a part of {_what(record)} is absent; restore it, or load "
+                    "another kept checkpoint",
+                )
+            )
+            continue
+        one = replace(record, parts={}, bytes=expected[0], sha256=expected[1])
+        problems += _check_bytes(store, one, where, checksums)
+    for part in sorted(set(files_below(store, location)) - set(record.parts)):
+        problems.append(
+            Extra(
+                f"{location}/{part}",
+                f"{_what(record)} holds a file its record does not "
+                "list; it was added after the checkpoint was saved",
+            )
+        )
+    return problems
 
 
 def _size(store: Store, name: str) -> int:
