@@ -20,26 +20,28 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from bestsave import BestSaver, Decision, Record, Staged, fetch, load_manifest
+from bestsave import BestSaver, Decision, Record, Sharded, Staged, fetch, load_manifest
 from bestsave.layout import runs_in
 from bestsave.messages import warn
 from bestsave.staging import Stager
-from bestsave.store import open_store
+from bestsave.store import open_store, tmp_name
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from bestsave.options import CoreOptions
 
-__all__ = ["Terminated", "TorchCheckpointer"]
+__all__ = ["Terminated", "TorchCheckpointer", "export"]
 
 
 class Terminated(Exception):
@@ -51,6 +53,94 @@ def global_rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return int(torch.distributed.get_rank())
     return int(os.environ.get("RANK", 0))
+
+
+def export(checkpoint: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
+    """Write a ``TorchCheckpointer`` checkpoint as one file on this process: a sharded one (a
+    ``torch.distributed.checkpoint`` folder) is consolidated. ``output`` ending in
+    ``.safetensors`` gets the model's weights; any other name ``torch.save`` of the whole
+    checkpoint (model, optimiser, epoch...). What ``bestsave export`` runs.
+    """
+    source, target = os.fspath(checkpoint), os.fspath(output)
+    folder = os.path.dirname(os.path.abspath(target))
+    tmp = os.path.join(folder, tmp_name(os.path.basename(target)))
+    whole = tmp + ".pt"  # torch.load reads a name ending in .safetensors as safetensors
+    try:
+        if os.path.isdir(source):
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+            dcp_to_torch_save(source, whole)
+        else:
+            shutil.copyfile(source, whole)
+        if target.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            state = torch.load(whole, map_location="cpu", weights_only=True)
+            save_file({k: v.contiguous() for k, v in state["model"].items()}, tmp)
+        else:
+            os.replace(whole, tmp)
+        os.replace(tmp, target)
+    finally:
+        for path in (tmp, whole):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def _sharded_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The model's (and optimiser's) state as ``DTensor`` shards, keyed by parameter name, as
+    ``torch.distributed.checkpoint`` saves and reshards them."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, [optimizer] if optimizer else [])
+    return model_state, optimizer_state if optimizer is not None else None
+
+
+def _save_shards(
+    state: dict[str, Any], where: str, group: _ProcessGroup, storage_options: dict[str, Any]
+) -> None:
+    """Write this process's shards of ``state`` into the folder ``where`` (a path or URL)."""
+    import torch.distributed.checkpoint as dcp
+
+    if "://" in where:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        writer: Any = FsspecWriter(where, **storage_options)
+    else:
+        writer = dcp.FileSystemWriter(where)
+    try:
+        dcp.save(state, storage_writer=writer, process_group=group.pg)
+    except dcp.api.CheckpointException as e:  # every process's tracebacks: say what failed here
+        causes = {rank: failure[0] for rank, failure in e.failures.items()}
+        mine = causes.get(group.rank)
+        others = ", ".join(str(rank) for rank in sorted(causes))
+        raise (mine or RuntimeError(f"the write failed on rank {others}")) from None
+
+
+class _ProcessGroup:
+    """The processes of a sharded run, over a process group of their own (gloo), so that the
+    background writes never share a collective stream with training."""
+
+    def __init__(self) -> None:
+        self.pg = torch.distributed.new_group(backend="gloo")
+        self.rank = torch.distributed.get_rank()
+        self.size = torch.distributed.get_world_size()
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.size
+        torch.distributed.all_gather_object(out, obj, group=self.pg)  # type: ignore[arg-type]
+        return out
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are ``DTensor`` shards (FSDP2's ``fully_shard``, tensor
+    parallelism): then every process saves its own part."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 class TorchCheckpointer:
@@ -125,6 +215,8 @@ class TorchCheckpointer:
         self._epoch = -1
         self._step: int | None = None
         self._previous_handler: Any = None
+        self._group: _ProcessGroup | None = None
+        """The processes writing a sharded model's checkpoints, once one is seen."""
 
     # -- what the saver knows -------------------------------------------------------------
 
@@ -154,24 +246,33 @@ class TorchCheckpointer:
         model = self._objects.get("model")
         if model is None:
             raise ValueError("pass model= to step() so there is something to save")
-        state: dict[str, Any] = {
-            "model": model.state_dict(),
-            "epoch": self._epoch,
-            "step": self._step,
-        }
+        optimizer = None if weights_only else self._objects.get("optimizer")
+        if self._group is not None:
+            model_state, optimizer_state = _sharded_state(model, optimizer)
+        else:
+            model_state = model.state_dict()
+            optimizer_state = optimizer.state_dict() if optimizer is not None else None
+        state: dict[str, Any] = {"model": model_state, "epoch": self._epoch, "step": self._step}
+        if optimizer_state is not None:
+            state["optimizer"] = optimizer_state
         if not weights_only:
-            for key in ("optimizer", "scheduler"):
-                if self._objects.get(key) is not None:
-                    state[key] = self._objects[key].state_dict()
-            state["rng"] = torch.get_rng_state()
+            if self._objects.get("scheduler") is not None:
+                state["scheduler"] = self._objects["scheduler"].state_dict()
+            if self._group is None:  # each process has its own; a sharded file has one
+                state["rng"] = torch.get_rng_state()
         return state
 
-    def _writer(self, weights_only: bool) -> Staged:
+    def _writer(self, weights_only: bool) -> Staged | Sharded:
         # The training thread pays for a copy into reused host buffers; serialising and writing
         # run in the saver's background thread.
         def capture() -> Any:
             return self._stager.snapshot(self._state(weights_only))
 
+        if self._group is not None:
+            group = self._group
+            return Sharded(capture, lambda snap, where: _save_shards(snap.state, where, group,
+                                                                      self._storage_options),
+                           group)  # fmt: skip
         if self.format == "safetensors":
             from safetensors.torch import save_file
 
@@ -196,6 +297,7 @@ class TorchCheckpointer:
         for key, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
             if obj is not None:
                 self._objects[key] = obj
+        self._shard_if_needed()
         self._epoch, self._step = int(epoch), step
         return self.saver.step(
             epoch,
@@ -204,6 +306,19 @@ class TorchCheckpointer:
             step=step,
             write_last=self._writer(False) if self.save_weights_only else None,
         )
+
+    def _shard_if_needed(self) -> None:
+        """A sharded model is saved by every process (a collective: every process calls
+        ``step`` with it, as training does)."""
+        model = self._objects.get("model")
+        if self._group is not None or model is None or not is_sharded(model):
+            return
+        if self.format != "torch":
+            raise ValueError(
+                "a sharded model is saved as torch.distributed.checkpoint folders: use "
+                "format='torch', and 'bestsave export' for one safetensors file"
+            )
+        self._group = _ProcessGroup()
 
     def restore(
         self,
@@ -226,14 +341,19 @@ class TorchCheckpointer:
             elif self._resume and self.rank == 0:
                 self._warn_other_runs()
             return 0
-        state = self._load(last, map_location)
-        model.load_state_dict(state["model"])
-        if optimizer is not None and "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and "scheduler" in state:
-            scheduler.load_state_dict(state["scheduler"])
-        if "rng" in state:
-            torch.set_rng_state(state["rng"])
+        self._shard_if_needed()
+        if last.parts:
+            self._load_folder(last, model, optimizer, scheduler)
+            state: dict[str, Any] = {"epoch": last.epoch, "step": last.step}
+        else:
+            state = self._load(last, map_location)
+            model.load_state_dict(state["model"])
+            if optimizer is not None and "optimizer" in state:
+                optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and "scheduler" in state:
+                scheduler.load_state_dict(state["scheduler"])
+            if "rng" in state:
+                torch.set_rng_state(state["rng"])
         # An exception before the first step() keeps the restored state: it is this epoch's.
         self._epoch, self._step = int(state["epoch"]), state.get("step")
         return int(state["epoch"]) + 1
@@ -265,11 +385,53 @@ class TorchCheckpointer:
             raise ValueError(f"{record.path} is not a TorchCheckpointer checkpoint")
         return state
 
+    def _load_folder(
+        self,
+        record: Record,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+    ) -> None:
+        """Load a sharded checkpoint into ``model`` (and the optimiser and scheduler): each
+        process reads the parts its shards need, whatever the number of processes that wrote
+        it (``torch.distributed.checkpoint`` reshards). Every process of a distributed run
+        calls it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        path = fetch(record, **self._storage_options)
+        model_state, optimizer_state = get_state_dict(model, [optimizer] if optimizer else [])
+        state: dict[str, Any] = {"model": model_state}
+        if optimizer is not None:
+            state["optimizer"] = optimizer_state
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        group = self._group.pg if self._group is not None else None
+        alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        with warnings.catch_warnings():  # loading on one process is what is meant
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(state, checkpoint_id=path, process_group=group, no_dist=alone)
+        set_state_dict(model, [optimizer] if optimizer else [], model_state_dict=state["model"],
+                       optim_state_dict=state.get("optimizer", {}))  # fmt: skip
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+
     def load(
         self, record: Record, model: torch.nn.Module | None = None, *, map_location: Any = "cpu"
     ) -> dict[str, Any]:
         """The checkpoint of ``record``, verified and loaded with ``weights_only=True``; its
-        weights are loaded into ``model`` when given."""
+        weights are loaded into ``model`` when given.
+
+        A sharded checkpoint (a folder) is loaded into ``model`` (required), sharded or not,
+        on any number of processes; every process calls this."""
+        if record.parts:
+            if model is None:
+                raise ValueError(
+                    f"{record.name} is a sharded checkpoint: pass the model to load it into, "
+                    "or make one file of it with 'bestsave export'"
+                )
+            self._load_folder(record, model)
+            return {"model": model.state_dict(), "epoch": record.epoch, "step": record.step}
         state = self._load(record, map_location)
         if model is not None:
             model.load_state_dict(state["model"])
@@ -283,13 +445,15 @@ class TorchCheckpointer:
         """
         self.saver.close()
         best = self.saver.best
-        if best is None and self.rank != 0:
+        if self.rank != 0:  # the committed record, with its checksums
             best = load_manifest(
                 self.dirpath, run=self.saver.files.name, **self._storage_options
             ).best
         if best is None:
             raise FileNotFoundError(f"no best checkpoint has been kept in {self.dirpath} yet")
-        held = self.saver.held_state(best)
+        self._objects.setdefault("model", model)
+        self._shard_if_needed()
+        held = self.saver.held_state(best) if self._group is None else None
         if held is not None:  # the latest save, still in memory: no need to read the file back
             model.load_state_dict(held["model"])
         else:

@@ -21,6 +21,7 @@ from bestsave.policy import Policy, PolicyState, Verdict
 from bestsave.record import Record
 from bestsave.rundir import RunExistsError
 from bestsave.saver import BestSaver, Decision
+from bestsave.sharded import Group, Sharded, ShardWriteError
 from bestsave.tracker import Tracker
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "CoreOptions",
     "Decision",
     "DirectoryLockedError",
+    "Group",
     "Manifest",
     "ManifestError",
     "MissingMetricError",
@@ -41,6 +43,8 @@ __all__ = [
     "SaverOptions",
     "RunExistsError",
     "ScoreTypeError",
+    "ShardWriteError",
+    "Sharded",
     "SharedOptions",
     "Staged",
     "Tracker",

@@ -8,6 +8,7 @@ Usage::
     bestsave verify runs/a              # files against the manifest; exit code 0 only when clean
     bestsave repair runs/a              # rebuild a lost or damaged manifest from the records
     bestsave soup runs/a -o soup.pth    # the average of the kept checkpoints' weights (--top N)
+    bestsave export runs/a best.pth     # the best as one file (a sharded one consolidated)
     bestsave compare runs/a runs/b      # the best of several runs side by side
 
 ``python -m bestsave`` is the same command. Tables use ``rich`` when it is installed
@@ -41,7 +42,7 @@ from importlib import metadata
 from typing import Any
 
 from bestsave.layout import META, runs_in
-from bestsave.manifest import ChecksumError, Manifest, load_manifest
+from bestsave.manifest import ChecksumError, Manifest, fetch, load_manifest
 from bestsave.metrics import MissingMetricError, as_number
 from bestsave.monitor import Monitor, resolve_mode
 from bestsave.record import Record
@@ -199,6 +200,21 @@ def _add_tools(commands: Any) -> None:
         help="average the N best only (default: every checkpoint kept for its score)",
     )
 
+    export = _command(
+        commands,
+        "export",
+        _export,
+        "Write a kept checkpoint as one file; a sharded one is consolidated on this process.",
+    )
+    export.add_argument("dir", help="the run's directory")
+    export.add_argument(
+        "output",
+        help="the file to write: .safetensors (the model's weights) or any other name "
+        "(torch.save of the whole checkpoint)",
+    )
+    _run_option(export)
+    export.add_argument("--file", help="a kept checkpoint's file name (default: the best)")
+
     compare = _command(commands, "compare", _compare, "Show the best of several runs side by side.")
     compare.add_argument("dir", nargs="+", help="the runs' directories")
     _run_option(compare)
@@ -279,7 +295,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     directory, file, run = args.dir, args.file, args.run
-    if file is None and os.path.isfile(directory):  # ``bestsave show runs/a/epoch=003.pth``
+    if file is None and _is_checkpoint(directory):  # ``bestsave show runs/a/epoch=003.pth``
         directory, file = os.path.dirname(directory) or ".", os.path.basename(directory)
         folder, name = os.path.split(os.path.abspath(directory))
         if os.path.basename(folder) == META:  # a record: ``runs/a/.bestsave/<run>/x.json``
@@ -303,6 +319,7 @@ def _show(args: argparse.Namespace) -> int:
         ("saved", f"{_when(record.time)} ({_age(record.time)} ago){elapsed}"),
         ("size", _bytes(record.bytes)),
         ("sha256", record.sha256 or "-"),
+        ("parts", f"{len(record.parts)} files (a sharded checkpoint)" if record.parts else "-"),
         ("path", record.path),
     ):
         header.add([key, value])
@@ -321,6 +338,18 @@ def _show(args: argparse.Namespace) -> int:
         run.add([key, value])
     run.print()
     return 0
+
+
+def _is_checkpoint(path: str) -> bool:
+    """A file, or a folder checkpoint (a sharded one) beside a run's ``.bestsave`` folder."""
+    if os.path.isfile(path):
+        return True
+    parent = os.path.dirname(os.path.abspath(path))
+    return (
+        os.path.isdir(path)
+        and not os.path.isdir(os.path.join(path, META))
+        and (os.path.isdir(os.path.join(parent, META)))
+    )
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -411,6 +440,17 @@ def _soup(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"wrote {args.output}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from bestsave.adapters.torch import export  # torch checkpoints are the torch adapter's
+
+    manifest = _load(args.dir, args.run)
+    record = _find(manifest, args.file)
+    export(fetch(record), args.output)
+    print(f"wrote {args.output}: {record.name} (epoch {record.epoch}, "
+          f"{record.monitor}={_num(record.score)})")  # fmt: skip
     return 0
 
 

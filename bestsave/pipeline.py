@@ -20,6 +20,7 @@ from bestsave.jobs import Captured, Content, Job, NewFile, WrittenFile
 from bestsave.layout import RunFiles
 from bestsave.messages import warn
 from bestsave.record import Record
+from bestsave.sharded import Sharded, ShardWriteError, ShardWriter, describe
 from bestsave.staging import Snapshot
 from bestsave.state import RunState
 from bestsave.store import Store
@@ -68,6 +69,10 @@ class WriteNow:
     write: Writer
 
 
+AnyWriter = Writer | Staged | WriteNow | Sharded
+"""What ``BestSaver.step`` accepts as ``write=``."""
+
+
 class WriteError(OSError, RuntimeError):
     """Writing a checkpoint failed; the previous best is intact. ``__cause__`` says why.
 
@@ -87,6 +92,7 @@ class WritePipeline:
         background: bool,
         keep_going: bool,
         committed: Callable[[list[Record], list[Record]], None],
+        writing: bool = True,
     ) -> None:
         self.store = store
         self.files = files
@@ -99,14 +105,17 @@ class WritePipeline:
         self._worker: BackgroundWriter | None = None
         self._error: BaseException | None = None
         self._held: dict[tuple[int, str], Snapshot] = {}  # the latest save's, by record
+        self._shards: ShardWriter | None = None
+        self.writing = writing
+        """This process commits what it captures; others only write their shards."""
 
     def capture(
         self,
         job: Job,
         records: list[Record],
         last: Record | None,
-        write: Writer | Staged | WriteNow | None,
-        write_last: Writer | Staged | WriteNow | None,
+        write: AnyWriter | None,
+        write_last: AnyWriter | None,
     ) -> Job:
         """Take what ``job`` must write, on the training thread: each distinct content once.
         Returns the job to submit, which may hold a pending job taken back from the worker.
@@ -156,9 +165,18 @@ class WritePipeline:
         worker.wait_for_room()
         return None
 
-    def _content(self, write: Writer | Staged | WriteNow, tmp: str) -> Content:
+    def _content(self, write: AnyWriter, tmp: str) -> Content:
         if isinstance(write, Staged):
             return Captured(write.serialize, write.capture(), write.stream)
+        if isinstance(write, Sharded):
+            if self.keep_going:
+                raise ValueError(
+                    "a sharded checkpoint that fails on one process fails on all of them, so "
+                    "training cannot go on without it: use on_write_error='raise'"
+                )
+            if self._shards is None:
+                self._shards = ShardWriter(self.store, write.group, self.writing)
+            return self._shards.capture(write, tmp)
         local = self.store.scratch(tmp)
         try:
             (write.write if isinstance(write, WriteNow) else write)(local)
@@ -190,6 +208,8 @@ class WritePipeline:
     def flush(self, stop: bool = False) -> BaseException | None:
         """Wait for the jobs in the background; returns the error one raised, if any. With
         ``stop`` the worker thread ends (a later submit starts a new one)."""
+        if self._shards is not None:
+            self._shards.flush(stop)
         worker = self._worker
         if worker is None:
             return self.take_error()
@@ -200,6 +220,19 @@ class WritePipeline:
         error = worker.take_error()
         return error or self.take_error()
 
+    def settle(self, error: BaseException | None) -> BaseException | None:
+        """After a flush on every process of a sharded run: each learns whether the committing
+        process's commits failed (``error`` there), so that all raise, and none reads the
+        manifest before the last commit."""
+        if self._shards is None:
+            return error
+        shared = self._shards.group.all_gather(describe(error) if self.writing else None)
+        if error is None and shared[0] is not None:
+            error = ShardWriteError(
+                f"committing a sharded checkpoint failed on rank 0 ({shared[0]})"
+            )
+        return error
+
     def keep_error(self, error: BaseException | None) -> None:
         """Keep a background error seen during a quiet flush, for the next submit."""
         self._error = self._error or error
@@ -208,6 +241,8 @@ class WritePipeline:
         error, self._error = self._error, None
         if error is None and self._worker is not None:
             error = self._worker.take_error()
+        if error is None and self._shards is not None:
+            error = self._shards.take_error()
         return error
 
     @staticmethod

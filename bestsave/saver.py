@@ -27,10 +27,11 @@ from bestsave.metrics import clean_metrics
 from bestsave.monitor import Monitor
 from bestsave.naming import sanitize
 from bestsave.options import SaverOptions
-from bestsave.pipeline import Staged, WriteNow, WritePipeline, Writer
+from bestsave.pipeline import AnyWriter, WritePipeline
 from bestsave.plan import Evaluation, Naming, Plan, exception_file, last_file, plan
 from bestsave.record import Record
 from bestsave.rundir import RunDirectory
+from bestsave.sharded import Sharded
 from bestsave.state import RunHeader, RunState
 from bestsave.store import open_store
 from bestsave.tracker import notify, notify_committed
@@ -207,7 +208,7 @@ class BestSaver:
         told = functools.partial(notify_committed, self.trackers)
         pipeline = WritePipeline(
             store, self.files, committer, background=opts.async_write,
-            keep_going=opts.on_write_error == "warn", committed=told,
+            keep_going=opts.on_write_error == "warn", committed=told, writing=self.writer,
         )  # fmt: skip
         return committer, pipeline
 
@@ -305,10 +306,10 @@ class BestSaver:
         self,
         epoch: int,
         metrics: Mapping[str, Any],
-        write: Writer | Staged | WriteNow | None = None,
+        write: AnyWriter | None = None,
         *,
         step: int | None = None,
-        write_last: Writer | Staged | WriteNow | None = None,
+        write_last: AnyWriter | None = None,
         fields: Mapping[str, Any] | None = None,
     ) -> Decision:
         """Judge one evaluation and keep, evict and record as the policy decides.
@@ -317,8 +318,9 @@ class BestSaver:
             epoch: The epoch just evaluated (0-based).
             metrics: Everything logged at this evaluation; must hold the monitored metric(s).
             write: Writes the checkpoint to the local path it is given, or a :class:`Staged`
-                writer whose ``capture`` runs now and ``serialize`` in the background. Used
-                only when a file is kept, at most once per evaluation.
+                writer whose ``capture`` runs now and ``serialize`` in the background, or a
+                :class:`Sharded` one whose parts every process writes (then every process
+                calls ``step``). Used only when a file is kept, at most once per evaluation.
             step: The global step, recorded with the evaluation.
             write_last: Writes the ``last`` checkpoint when it differs from ``write``'s (e.g. kept
                 files hold weights only); by default ``last`` holds what ``write`` writes.
@@ -344,19 +346,20 @@ class BestSaver:
         self._watch.after(metrics, raw, first=self._state.evaluations == 1)
         return _decision(the_plan, self.monitor.name, self.should_stop, self._committer.filled)
 
-    def _apply(self, the_plan: Plan, write: Writer | Staged | WriteNow | None,
-               write_last: Writer | Staged | WriteNow | None) -> bool:  # fmt: skip
+    def _apply(self, the_plan: Plan, write: AnyWriter | None,
+               write_last: AnyWriter | None) -> bool:  # fmt: skip
         """Carry ``the_plan`` out: the state moves on before the capture, so that a capture
         that reads it (the callback state inside a Lightning checkpoint) sees the outcome.
         False when the capture failed and the saver trains on (``on_write_error="warn"``)."""
         before, taken_before = self._state, self._taken
         self._state, self._taken = the_plan.state, set(the_plan.taken)
+        records = [*the_plan.new, *([the_plan.last] if the_plan.last else [])]
         if not self.writer:
+            self._write_shards(records, the_plan.last, write, write_last)
             return True
         evict = [*the_plan.evicted, *([the_plan.stale_last] if the_plan.stale_last else [])]
         job = Job(evict=evict, lines=[the_plan.line])
         try:
-            records = [*the_plan.new, *([the_plan.last] if the_plan.last else [])]
             job = self._pipeline.capture(job, records, the_plan.last, write, write_last)
         except Exception as e:
             self._state, self._taken = before, taken_before
@@ -364,6 +367,15 @@ class BestSaver:
             return False
         self._submit(job)
         return True
+
+    def _write_shards(self, records: list[Record], last: Record | None,
+                      write: AnyWriter | None, write_last: AnyWriter | None) -> None:  # fmt: skip
+        """On a process that does not commit: write its shards of the sharded checkpoints the
+        committing process writes (every process decides alike), then raise a failure of an
+        earlier one, as that process does."""
+        if isinstance(write, Sharded) or isinstance(write_last, Sharded):
+            self._pipeline.capture(Job(), records, last, write, write_last).release()
+        self._failed(self._pipeline.take_error())
 
     def _take_run(self) -> None:
         self._dir.retake(self.writer)
@@ -403,7 +415,7 @@ class BestSaver:
     def save_exception(
         self,
         epoch: int,
-        write: Writer | Staged | WriteNow,
+        write: AnyWriter,
         metrics: Mapping[str, Any] | None = None,
         step: int | None = None,
         filename: str = "exception-epoch={epoch:03d}",
@@ -428,16 +440,17 @@ class BestSaver:
     def save_last_checkpoint(
         self,
         epoch: int,
-        write: Writer | Staged | WriteNow,
+        write: AnyWriter,
         metrics: Mapping[str, Any] | None = None,
         step: int | None = None,
     ) -> Record | None:
         """Write the rolling ``last`` checkpoint now, outside an evaluation (Lightning writes
         one at the end of training and at an exception)."""
-        if not self.writer:
-            return None
         base = self._record(epoch, step, metrics)
         record, previous = last_file(base, self._naming), self._state.last
+        if not self.writer:
+            self._write_shards([record], record, None, write)
+            return None
         self._state = replace(self._state, last=record)  # before the capture, as in step()
         job = Job(evict=[previous] if previous and previous.name != record.name else [])
         try:
@@ -451,14 +464,16 @@ class BestSaver:
 
     def flush(self) -> None:
         """Wait for pending writes and raise what a background write raised (or warn, with
-        ``on_write_error="warn"``). Every kept file is on disk and committed when it returns."""
-        self._failed(self._pipeline.flush())
+        ``on_write_error="warn"``). Every kept file is on disk and committed when it returns.
+        With sharded checkpoints every process calls it, and each raises what failed on any."""
+        self._failed(self._pipeline.settle(self._pipeline.flush()))
 
     def close(self) -> None:
         """Flush, release the run, and tell trackers its best. May be called more than once;
-        the saver stays usable (the next step takes the run again)."""
+        the saver stays usable (the next step takes the run again). With sharded checkpoints
+        every process calls it."""
         try:
-            self._failed(self._pipeline.flush(stop=True))
+            self._failed(self._pipeline.settle(self._pipeline.flush(stop=True)))
         finally:
             self._dir.release()
         if self.writer:

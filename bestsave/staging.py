@@ -6,8 +6,9 @@ allocated beforehand costs only memory bandwidth. Two buffer sets alternate so a
 overwrites the one a write in flight is still reading: the first snapshot allocates one set,
 and a helper thread allocates and touches the second while training goes on.
 
-Tensors may be torch tensors or numpy arrays (Keras hands over the latter on backends other than
-torch); neither library is imported here, only used when the state holds its arrays.
+Tensors may be torch tensors (of a ``DTensor``, each process copies its own shard) or numpy
+arrays (Keras hands over the latter on backends other than torch); neither library is imported
+here, only used when the state holds its arrays.
 """
 
 from __future__ import annotations
@@ -139,6 +140,13 @@ class Stager:
     ) -> Any:
         import torch
 
+        dtensor = _dtensor_class()
+        if dtensor is not None and isinstance(t, dtensor):
+            # A shard of a sharded tensor: this process copies its own part, and the copy
+            # keeps the sharding, so that a sharded checkpoint writes it where it belongs.
+            local = self._copy_tensor(t.to_local(), path, buffers, sync)
+            return dtensor.from_local(local, t.device_mesh, t.placements, run_check=False,
+                                      shape=t.shape, stride=t.stride())  # fmt: skip
         if t.layout != torch.strided:
             return t.detach().to("cpu", copy=True)
         buf = buffers.get(path)
@@ -198,7 +206,10 @@ def _tensors(obj: Any, path: tuple[Any, ...], out: dict[tuple[Any, ...], Any]) -
     """The tensors and arrays in ``obj`` that :meth:`Stager.snapshot` copies into buffers, by
     the path it files them under."""
     torch, np = sys.modules.get("torch"), sys.modules.get("numpy")
-    if torch is not None and isinstance(obj, torch.Tensor):
+    dtensor = _dtensor_class()
+    if dtensor is not None and isinstance(obj, dtensor):
+        out[path] = obj.to_local()
+    elif torch is not None and isinstance(obj, torch.Tensor):
         if obj.layout == torch.strided:
             out[path] = obj
     elif np is not None and isinstance(obj, np.ndarray):
@@ -209,6 +220,11 @@ def _tensors(obj: Any, path: tuple[Any, ...], out: dict[tuple[Any, ...], Any]) -
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             _tensors(v, (*path, i), out)
+
+
+def _dtensor_class() -> Any:
+    """torch's ``DTensor``, when a sharded model has loaded it; else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def _helper(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -29,6 +30,46 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+RANKS_TIMEOUT = 150  # seconds for a whole 2-process run; a hang fails the test instead of CI
+
+
+def run_ranks(
+    script: str, tmp_path: Path, *options: str, world: int = 2
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Start ``world`` ranks of ``scripts/<script> RUN OUT *options`` and wait for all; returns
+    the report each wrote to ``OUT/rank<r>.json`` (with its exit code) and their stderr."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    for old in out.glob("rank*.json"):
+        old.unlink()
+    port = str(free_port())
+    processes = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(SCRIPTS / script), str(run), str(out), *options],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    errors = []
+    try:
+        for p in processes:
+            errors.append(p.communicate(timeout=RANKS_TIMEOUT)[1])
+    except subprocess.TimeoutExpired:
+        for p in processes:
+            p.kill()
+        pytest.fail(f"the distributed run hung for more than {RANKS_TIMEOUT} s")
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    for p, report in zip(processes, reports):
+        report["returncode"] = p.returncode
+    return reports, errors
+
+
 def names(dirpath: str | os.PathLike[str], **storage_options: Any) -> list[str]:
     """The files in a run's directory (local or remote); none when it does not exist."""
     return open_store(os.fspath(dirpath), **storage_options).names()
@@ -38,10 +79,11 @@ def leftovers(dirpath: str | os.PathLike[str], **storage_options: Any) -> list[s
     """Temporary files of interrupted writes: in the directory itself (where none should ever
     be) and in each run's folder, ``.bestsave/<run>/``, where they are written."""
     store = open_store(os.fspath(dirpath), **storage_options)
-    found = [n for n in store.names() if n.startswith(TMP_PREFIX)]
+    found = [n for n in store.names() + store.folders() if n.startswith(TMP_PREFIX)]
     for run in store.folders(META):
         folder = RunFiles(run).folder
-        found += [f"{folder}/{n}" for n in store.names(folder) if n.startswith(TMP_PREFIX)]
+        inside = store.names(folder) + store.folders(folder)
+        found += [f"{folder}/{n}" for n in inside if n.startswith(TMP_PREFIX)]
     return found
 
 

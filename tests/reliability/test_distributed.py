@@ -8,13 +8,6 @@ Lightning DDP is covered in ``tests/integration/test_lightning.py``.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-from typing import Any
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -24,47 +17,12 @@ if not torch.distributed.is_available():
 from bestsave import load_best, load_manifest
 from bestsave.verify import verify
 
-from .conftest import SCRIPTS, assert_intact, free_port
-
-TIMEOUT = 150  # seconds for the whole 2-process run; a hang fails the test instead of CI
-
-
-def run_ranks(tmp_path: Path, *options: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Start both ranks and wait for both; returns their reports and their stderr."""
-    run, out = tmp_path / "run", tmp_path / "out"
-    out.mkdir()
-    port = str(free_port())
-    processes = []
-    for rank in range(2):
-        env = dict(
-            os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port
-        )
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, str(SCRIPTS / "ddp_torch.py"), str(run), str(out), *options],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    errors = []
-    try:
-        for p in processes:
-            errors.append(p.communicate(timeout=TIMEOUT)[1])
-    except subprocess.TimeoutExpired:
-        for p in processes:
-            p.kill()
-        pytest.fail(f"the distributed run hung for more than {TIMEOUT} s")
-    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    for p, report in zip(processes, reports):
-        report["returncode"] = p.returncode
-    return reports, errors
+from .conftest import assert_intact, run_ranks
 
 
 @pytest.mark.parametrize("async_write", [True, False], ids=["async", "sync"])
 def test_one_writer_and_the_same_decisions_on_every_rank(tmp_path, async_write):
-    reports, errors = run_ranks(tmp_path, *([] if async_write else ["--sync"]))
+    reports, errors = run_ranks("ddp_torch.py", tmp_path, *([] if async_write else ["--sync"]))
     assert [r["returncode"] for r in reports] == [0, 0], errors
     rank0, rank1 = reports
     assert rank0["decisions"] == rank1["decisions"]
@@ -80,7 +38,7 @@ def test_one_writer_and_the_same_decisions_on_every_rank(tmp_path, async_write):
 @pytest.mark.parametrize("async_write", [True, False], ids=["async", "sync"])
 def test_a_failed_write_on_rank_0_stops_both_ranks_without_a_hang(tmp_path, async_write):
     options = ["--fail-at", "2", *([] if async_write else ["--sync"])]
-    (rank0, rank1), _ = run_ranks(tmp_path, *options)
+    (rank0, rank1), _ = run_ranks("ddp_torch.py", tmp_path, *options)
     assert rank0["returncode"] != 0
     assert rank0["error"].startswith("WriteError") and "No space left" in rank0["error"]
     assert rank1["returncode"] != 0  # its next collective call failed instead of waiting
@@ -99,7 +57,7 @@ def test_with_warn_a_failed_write_on_rank_0_keeps_the_ranks_deciding_alike(tmp_p
     ``should_stop`` would leave one rank waiting for the other in its next collective). What
     is on disk may differ: rank 0 keeps the files the lost write would have evicted, so its
     ``best`` and ``evicted`` name files that exist."""
-    reports, errors = run_ranks(tmp_path, "--fail-at", "2", "--sync", "--warn")
+    reports, errors = run_ranks("ddp_torch.py", tmp_path, "--fail-at", "2", "--sync", "--warn")
     assert [r["returncode"] for r in reports] == [0, 0], errors
     rank0, rank1 = reports
 

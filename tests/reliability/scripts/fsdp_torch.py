@@ -1,0 +1,123 @@
+"""One rank of a sharded plain-PyTorch run: FSDP2 (``fully_shard``) on the CPU over gloo, saved
+with ``TorchCheckpointer`` as ``torch.distributed.checkpoint`` folders.
+
+    RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p \\
+        python fsdp_torch.py DIR OUT [--epochs N] [--resume] [--fail-at EPOCH --fail-rank R]
+
+Every rank trains the same model on the same batches and judges the same ``val_loss`` (from
+``SCORES``). Rank 0 writes ``OUT/weights-<epoch>.pt`` (the full weights after that epoch) and
+every rank ``OUT/rank<r>.json``: the decisions, the epoch restored from, the error that ended it,
+and whether ``load_best`` put the best epoch's weights back. ``--fail-at`` makes rank R's writes
+fail from that epoch's save on (files over 1 KiB exceed its file size limit, ``EFBIG``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from bestsave.adapters.torch import TorchCheckpointer
+
+SCORES = [0.5, 0.4, 0.45, 0.3, 0.35, 0.2, 0.33, 0.25]
+
+
+def make_model(mesh: Any) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    if mesh is not None:
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+        for k, v in model.state_dict().items()
+    }
+
+
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+    generator = torch.Generator().manual_seed(epoch)
+    for _ in range(3):
+        x = torch.randn(8, 16, generator=generator)
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dir")
+    parser.add_argument("out")
+    parser.add_argument("--epochs", type=int, default=len(SCORES))
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--fail-at", type=int, default=None)
+    parser.add_argument("--fail-rank", type=int, default=0)
+    args = parser.parse_args()
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_model(mesh)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    report: dict[str, Any] = {"decisions": [], "error": None}
+    path = os.path.join(args.out, f"rank{rank}.json")
+
+    ckpt = TorchCheckpointer(
+        args.dir, monitor="val_loss", top_k=2, save_last=True, resume=args.resume
+    )
+    start = report["restored"] = ckpt.restore(model, optimizer)
+    if args.resume:
+        restored = full_weights(model)  # a collective: every rank
+        saved = torch.load(os.path.join(args.out, f"weights-{start - 1}.pt"))
+        report["restored_weights_match"] = _same(restored, saved)
+    try:
+        for epoch in range(start, args.epochs):
+            train_epoch(model, optimizer, epoch)
+            weights = full_weights(model)  # a collective: every rank
+            if rank == 0:
+                torch.save(weights, os.path.join(args.out, f"weights-{epoch}.pt"))
+            if args.fail_at == epoch and rank == args.fail_rank:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+            d = ckpt.step(epoch, {"val_loss": SCORES[epoch]}, model=model, optimizer=optimizer)
+            report["decisions"].append({"epoch": epoch, "saved": d.saved, "is_best": d.is_best})
+            if args.fail_at is not None:
+                ckpt.saver.flush()  # the failure surfaces at this epoch on every rank
+        ckpt.close()
+        best = ckpt.load_best(make_model(mesh))
+        fresh = make_model(mesh)
+        ckpt.load_best(fresh)
+        expected = torch.load(os.path.join(args.out, f"weights-{best.epoch}.pt"))
+        report["best"] = best.epoch
+        report["best_weights_match"] = _same(full_weights(fresh), expected)
+    except Exception as e:
+        report["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        with open(path, "w") as f:
+            json.dump(report, f)
+    dist.destroy_process_group()
+    sys.exit(1 if report["error"] else 0)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+if __name__ == "__main__":
+    main()
