@@ -91,6 +91,13 @@ class RunFiles:
         crash leaves nothing in the checkpoint directory itself."""
         return f"{self.folder}/{tmp_name(name)}"
 
+    def records(self, store: Store) -> list[str]:
+        """The sidecar records in the run's folder (not a write a crash left half done)."""
+        return [
+            n for n in store.names(self.folder)
+            if n.endswith(".json") and not n.startswith(TMP_PREFIX) and n != MANIFEST
+        ]  # fmt: skip
+
     def leftovers(self, store: Store) -> list[str]:
         """Temporary files (and folders) a crash left in the run's folder."""
         names = store.names(self.folder) + store.folders(self.folder)

@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bestsave.layout import MANIFEST, META, RunFiles
+from bestsave.layout import META, RunFiles
 from bestsave.manifest import Manifest, find_run
 from bestsave.monitor import Monitor, resolve_mode
 from bestsave.plan import ordered
@@ -140,9 +140,7 @@ def _records(store: Store, files: RunFiles) -> tuple[list[Record], str, list[str
     """The run's records, the checkpoints' extension (a record is named after its file,
     less the extension), and the records that are not readable."""
     records, extension, lost = [], "", []
-    for entry in store.names(files.folder):
-        if not entry.endswith(".json") or entry == MANIFEST:
-            continue
+    for entry in files.records(store):
         try:
             data = json.loads(store.read_text(f"{files.folder}/{entry}") or "")
             record = Record.from_dict(data)

@@ -156,7 +156,7 @@ class RunDirectory:
         manifest = self.read()
         if manifest is not None:
             self._finish(manifest)
-        elif records := [n for n in store.names(files.folder) if n.endswith(".json")]:
+        elif records := files.records(store):
             raise ManifestError(  # the run's records are there, its manifest is gone
                 join(self.url, files.manifest),
                 f"it is missing, but {len(records)} records of the run's checkpoints are beside it",

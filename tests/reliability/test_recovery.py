@@ -18,8 +18,10 @@ import pytest
 from bestsave import BestSaver, BestSaveWarning, ManifestError, load_best, load_manifest
 from bestsave.cli import main
 from bestsave.repair import repair
+from bestsave.store import TMP_PREFIX
 from bestsave.verify import load_history, verify
 
+from .conftest import leftovers
 from .test_faults import read_only
 
 pytestmark = pytest.mark.core
@@ -117,6 +119,20 @@ def test_a_missing_manifest_beside_the_records_is_never_written_over(tmp_path):
     done = repair(tmp_path)
     assert done.lost == [] and load_best(tmp_path).epoch == 3
     assert verify(tmp_path) == []
+
+
+def test_a_first_commit_killed_before_its_manifest_landed_starts_afresh(tmp_path):
+    """The kill left only temporary files (the manifest's and a record's, half written):
+    no run was ever committed there, so the next start is a new run and cleans them."""
+    folder = tmp_path / ".bestsave" / "run"
+    folder.mkdir(parents=True)
+    (folder / f"{TMP_PREFIX}1a2b3c4d-bestsave.json").write_text('{"format": ')
+    (folder / f"{TMP_PREFIX}5e6f7a8b-epoch=000-val_loss=0.5000.json").write_text("{")
+    saver = BestSaver(tmp_path, monitor="val_loss", name="run")
+    saver.step(0, {"val_loss": 0.5}, write=writer("e0"))
+    saver.close()
+    assert load_best(tmp_path).epoch == 0
+    assert leftovers(tmp_path) == [] and verify(tmp_path) == []
 
 
 def test_repair_reports_what_it_cannot_recover(tmp_path, capsys):
