@@ -353,15 +353,18 @@ class FsspecStore:
 
     def rename(self, src: str, dst: str) -> None:
         if self._isdir(src):
-            self.delete(dst)
-            self.fs.mv(self._path(src), self._path(dst), recursive=True)
+            self.link(src, dst)
+            self.delete(src)
             return
         self.fs.mv(self._path(src), self._path(dst))
 
     def link(self, src: str, dst: str) -> None:
         if self._isdir(src):
+            # A folder is a set of keys: each is copied (server-side), as fsspec's recursive
+            # copy and move treat folder names differently from one store to another.
             self.delete(dst)
-            self.fs.copy(self._path(src), self._path(dst), recursive=True)
+            for part in files_below(self, src):
+                self.fs.copy(self._path(f"{src}/{part}"), self._path(f"{dst}/{part}"))
             return
         self.fs.copy(self._path(src), self._path(dst))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -18,3 +20,14 @@ def run_folder(dirpath: str | Path, run: str | None = None) -> Path:
 def checkpoints(dirpath: str | Path) -> set[str]:
     """The names of the files in ``dirpath`` itself (the checkpoints)."""
     return {p.name for p in Path(dirpath).iterdir() if p.is_file()}
+
+
+def folder_writer(tag: str) -> Callable[[str], None]:
+    """A ``write(path)`` that writes a checkpoint that is a folder: a file, and one below."""
+
+    def write(path: str) -> None:
+        os.makedirs(os.path.join(path, "shards"))
+        Path(path, "config.json").write_text(tag)
+        Path(path, "shards", "part-0.bin").write_bytes(tag.encode() * 3)
+
+    return write

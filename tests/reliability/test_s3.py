@@ -23,6 +23,8 @@ torch = pytest.importorskip("torch")
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
 
+from runfiles import folder_writer
+
 from bestsave import (
     BestSaver,
     ChecksumError,
@@ -38,8 +40,9 @@ from bestsave.layout import RunFiles, run_name
 from bestsave.naming import DEFAULT_TEMPLATE
 from bestsave.verify import load_history, verify
 
-from .conftest import assert_intact, crash_problems
+from .conftest import RANKS_TIMEOUT, SCRIPTS, assert_intact, crash_problems, free_port
 from .test_kill import KILLS, SEED, Where, crash, kill_and_resume
+from .test_sharded import SHARDS
 
 CREDENTIALS = {"key": "testing", "secret": "testing"}
 
@@ -309,3 +312,63 @@ def test_a_crash_between_commit_and_rename_on_s3_loses_nothing(bucket):
 def test_killed_training_on_s3_loses_nothing_and_resumes_to_the_same_files(bucket, forkserver):
     kills = int(os.environ.get("BESTSAVE_S3_KILLS", min(KILLS, 10)))
     kill_and_resume(forkserver, "torch", Where(bucket.url(""), bucket.options, 40), kills, SEED + 3)
+
+
+def test_folder_checkpoints_are_copied_renamed_and_evicted_whole_on_s3(bucket):
+    """A kept folder is a set of keys: each part lands, moves and goes with it."""
+    url = bucket.url()
+    saver = BestSaver(url, monitor="val_loss", top_k=2, save_last=True, trackers=(),
+                      storage_options=bucket.options)  # fmt: skip
+    for epoch, score in enumerate([0.5, 0.4, 0.45, 0.3]):
+        saver.step(epoch, {"val_loss": score}, write=folder_writer(f"epoch {epoch}"))
+    saver.close()
+    kept = sorted({o.split("/")[0] for o in bucket.objects() if not o.startswith(".bestsave")})
+    assert kept == ["epoch=001-val_loss=0.4000", "epoch=003-val_loss=0.3000", "last"]
+    assert bucket.body("run/last/config.json") == b"epoch 3"
+    best = load_best(url, **bucket.options)
+    assert sorted(best.parts) == ["config.json", "shards/part-0.bin"]
+    assert open(os.path.join(fetch(best, **bucket.options), "config.json")).read() == "epoch 3"
+    assert verify(url, **bucket.options) == []
+
+
+def test_a_sharded_run_over_two_nodes_commits_one_run_on_s3(bucket, tmp_path):
+    """Two nodes (torchrun agents with their own node rank and, where this machine allows,
+    their own host name), one FSDP2 rank each, write their shards to one S3 directory; rank 0
+    commits. Staging stays in each process's memory; only the shared store is common."""
+    port, out = str(free_port()), tmp_path / "out"
+    out.mkdir()
+    agents = []
+    for node in range(2):
+        command = [
+            os.path.join(os.path.dirname(sys.executable), "torchrun"),
+            "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
+            "--master-addr=127.0.0.1", f"--master-port={port}",
+            str(SCRIPTS / "fsdp_torch.py"), bucket.url(), str(out), "--epochs", "4",
+            "--storage-options", json.dumps(bucket.options),
+        ]  # fmt: skip
+        if can_name_hosts():
+            command = ["unshare", "--uts", "sh", "-c", f'hostname node-{node} && exec "$@"',
+                       "sh", *command]  # fmt: skip
+        agents.append(subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
+    errors = [a.communicate(timeout=RANKS_TIMEOUT)[1] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], errors
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["best"], r["best_weights_match"]) for r in reports] == [(3, True)] * 2
+    manifest = load_manifest(bucket.url(), **bucket.options)
+    assert [r.epoch for r in manifest.kept] == [3, 1]
+    assert manifest.run["host"] == reports[0]["host"]
+    if can_name_hosts():
+        assert [r["host"] for r in reports] == ["node-0", "node-1"]
+    parts = {o for o in bucket.objects() if o.startswith("epoch=003")}
+    assert parts == {f"epoch=003-val_loss=0.3000.pth/{p}" for p in SHARDS}
+    assert verify(bucket.url(), **bucket.options) == []
+
+
+def can_name_hosts() -> bool:
+    """Whether a process here can get a host name of its own (a UTS namespace: root)."""
+    try:
+        done = subprocess.run(["unshare", "--uts", "hostname", "probe"], capture_output=True)
+    except OSError:
+        return False
+    return done.returncode == 0

@@ -8,20 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
+from runfiles import folder_writer
 
 from bestsave import BestSaver, fetch, load_best, load_manifest
 from bestsave.layout import META
 from bestsave.store import TMP_PREFIX, tree_digest
 from bestsave.verify import verify
-
-
-def folder_writer(tag: str):
-    def write(path: str) -> None:
-        os.makedirs(os.path.join(path, "shards"))
-        Path(path, "config.json").write_text(tag)
-        Path(path, "shards", "part-0.bin").write_bytes(tag.encode() * 3)
-
-    return write
 
 
 def run(dirpath, scores, **options) -> BestSaver:

@@ -3,11 +3,13 @@ with ``TorchCheckpointer`` as ``torch.distributed.checkpoint`` folders.
 
     RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p \\
         python fsdp_torch.py DIR OUT [--epochs N] [--resume] [--fail-at EPOCH --fail-rank R]
+                                     [--storage-options JSON]
 
 Every rank trains the same model on the same batches and judges the same ``val_loss`` (from
 ``SCORES``). Rank 0 writes ``OUT/weights-<epoch>.pt`` (the full weights after that epoch) and
 every rank ``OUT/rank<r>.json``: the decisions, the epoch restored from, the error that ended it,
-and whether ``load_best`` put the best epoch's weights back. ``--fail-at`` makes rank R's writes
+whether ``load_best`` put the best epoch's weights back, and its host name. DIR may be a URL
+(``s3://...``, with ``--storage-options`` for fsspec). ``--fail-at`` makes rank R's writes
 fail from that epoch's save on (files over 1 KiB exceed its file size limit, ``EFBIG``).
 """
 
@@ -18,6 +20,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import sys
 from datetime import timedelta
 from typing import Any
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--fail-at", type=int, default=None)
     parser.add_argument("--fail-rank", type=int, default=0)
+    parser.add_argument("--storage-options", type=json.loads, default={})
     args = parser.parse_args()
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
@@ -74,12 +78,11 @@ def main() -> None:
     mesh = init_device_mesh("cpu", (world,))
     model = make_model(mesh)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    report: dict[str, Any] = {"decisions": [], "error": None}
+    report: dict[str, Any] = {"decisions": [], "error": None, "host": socket.gethostname()}
     path = os.path.join(args.out, f"rank{rank}.json")
 
-    ckpt = TorchCheckpointer(
-        args.dir, monitor="val_loss", top_k=2, save_last=True, resume=args.resume
-    )
+    ckpt = TorchCheckpointer(args.dir, monitor="val_loss", top_k=2, save_last=True,
+                             resume=args.resume, storage_options=args.storage_options)  # fmt: skip
     start = report["restored"] = ckpt.restore(model, optimizer)
     if args.resume:
         restored = full_weights(model)  # a collective: every rank
