@@ -8,7 +8,6 @@ from an older one (a notebook cell run again); the older one then refuses to ste
 from __future__ import annotations
 
 import errno
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,8 +37,12 @@ class Opened:
     """Kinds of file this run's first commit must hold for that (empty: its first commit)."""
 
 
-_OWNERS: weakref.WeakValueDictionary[str, RunDirectory] = weakref.WeakValueDictionary()
-"""The run directory each run (by its folder) is written through in this process."""
+_OWNERS: dict[str, RunDirectory] = {}
+"""The run directory each run (by its folder) is written through in this process, while it
+holds the run's lock. Held strongly: a saver dropped unclosed (a ``fit`` stopped by a
+KeyboardInterrupt, its callback left to the garbage collector) may still have writes pending in
+its background thread, and a newer saver of the run must wait for them
+(:attr:`RunDirectory.before_takeover`)."""
 
 
 class RunDirectory:
@@ -71,6 +74,7 @@ class RunDirectory:
         if older is not None and older is not self and older.locked:
             older.before_takeover()
             older.locked, older.superseded = False, True
+            del _OWNERS[key]
         try:
             lock.acquire(self.store, self.files.lock, self.run_id)
         except OSError as e:
@@ -101,6 +105,9 @@ class RunDirectory:
         if not self.locked:
             return
         self.locked = False
+        key = join(self.url, self.files.folder)
+        if _OWNERS.get(key) is self:
+            del _OWNERS[key]
         try:
             lock.release(self.store, self.files.lock)
         except OSError as e:  # a directory that turned read-only: the lock goes stale

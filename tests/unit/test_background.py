@@ -1,5 +1,6 @@
 """Background writes: errors surface, newer bests replace pending ones, eviction waits."""
 
+import gc
 import json
 import os
 import threading
@@ -193,6 +194,30 @@ def test_eviction_waits_for_the_replacement_to_be_committed(tmp_path):
     saver.step(1, {"val_acc": 0.9}, write=staged("e1", check=old_best_still_there))
     saver.close()
     assert not os.path.exists(old) and load_best(tmp_path).epoch == 1
+
+
+def test_a_newer_saver_of_the_run_waits_for_the_writes_of_a_dropped_older_one(tmp_path):
+    """A notebook cell run again after a fit the user stopped: nothing refers to the first
+    saver any more (it was never closed, and the garbage collector may free it at any time),
+    yet its write in the background lands before the second saver takes the run over."""
+    gate = threading.Event()
+
+    def serialize(text, path):
+        gate.wait(10)
+        with open(path, "w") as f:
+            f.write(text)
+
+    first = BestSaver(tmp_path, monitor="val_acc", filename="model", overwrite=True)
+    first.step(0, {"val_acc": 0.5}, write=Staged(lambda: "first", serialize))
+    del first
+    gc.collect()
+    threading.Timer(0.2, gate.set).start()
+    with pytest.warns(BestSaveWarning, match=r"its best is model .*Starting a new run"):
+        second = BestSaver(tmp_path, monitor="val_acc", filename="model", overwrite=True)
+    second.step(0, {"val_acc": 0.4}, write=staged("second"))
+    second.close()
+    assert (tmp_path / "model").read_text() == "second"
+    assert load_best(tmp_path).score == 0.4 and len(load_manifest(tmp_path).kept) == 1
 
 
 def test_at_most_two_snapshots_are_held(tmp_path):
