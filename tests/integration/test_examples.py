@@ -128,6 +128,31 @@ def test_noisy_validation_judges_one_run_three_ways(tmp_path, monkeypatch, capsy
     assert (run / "soup.pth").is_file()
 
 
+def test_torch_fsdp_digits_keeps_the_2_best_sharded_and_exports_the_best(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    run = tmp_path / "digits"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    done = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node=2", str(EXAMPLES / "torch_fsdp_digits.py"),
+         "--epochs", "4", "--dir", str(run)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = load_manifest(run)
+    assert [r.epoch for r in manifest.kept] == top(history(run), "val_acc", 2)
+    assert manifest.best is not None and len(manifest.best.parts) == 3  # metadata, 2 shards
+    assert f"best epoch {manifest.best.epoch}: val_acc=" in done.stdout
+
+    exported = tmp_path / "best.safetensors"
+    subprocess.run([sys.executable, "-m", "bestsave", "export", str(run), str(exported)],
+                   check=True, capture_output=True)  # fmt: skip
+    from safetensors.torch import load_file
+
+    assert load_file(exported)["0.weight"].shape == (128, 64)
+
+
 # -- Keras on JAX --------------------------------------------------------------------------------
 
 
