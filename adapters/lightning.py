@@ -7,6 +7,10 @@ they know (``best_model_path``, ``best_k_models``, ...). ``ModelCheckpoint``'s o
 step); :class:`bestsave.BestSaver` decides *what* to keep, evict and when to stop, and every kept
 checkpoint carries everything logged at its epoch.
 
+Sharded strategies (``FSDPStrategy(state_dict_type="sharded")``, ``ModelParallelStrategy``) keep
+folders of shards that every process writes in the background, in the layout the strategy itself
+loads: ``ckpt_path="best"`` and resuming go through Lightning.
+
 Example:
     >>> import lightning as L  # doctest: +SKIP
     >>> from bestsave.adapters.lightning import BestCheckpoint
@@ -33,14 +37,30 @@ from weakref import proxy
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
-from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
+from lightning.pytorch.strategies import (
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    Strategy,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
 from typing_extensions import Unpack
 
-from bestsave import BestSaver, Decision, MissingMetricError, Options, Record, SaverOptions, Staged
+from bestsave import (
+    BestSaver,
+    Decision,
+    MissingMetricError,
+    Options,
+    Record,
+    SaverOptions,
+    Sharded,
+    Staged,
+)
+from bestsave.adapters.torch import _ProcessGroup, _save_shards
 from bestsave.layout import run_name
 from bestsave.metrics import as_number
 from bestsave.monitor import infer_mode
@@ -119,9 +139,15 @@ class BestCheckpoint(ModelCheckpoint):
     Checkpoints are Lightning checkpoints: they load with ``Model.load_from_checkpoint`` and
     resume with ``trainer.fit(ckpt_path=...)``. bestsave's own records (the manifest, the
     history and one record per checkpoint) are in ``dirpath/.bestsave/<run>/``, the run named
-    after ``filename`` and the monitor. Strategies whose checkpoints are single files work
-    (single device, DDP, FSDP with ``state_dict_type="full"``); sharded checkpoint directories
-    (DeepSpeed, sharded FSDP) are refused at setup.
+    after ``filename`` and the monitor.
+
+    Under ``FSDPStrategy(state_dict_type="sharded")`` and ``ModelParallelStrategy`` (with its
+    default ``save_distributed_checkpoint=True``) a checkpoint is the folder the strategy would
+    write (``torch.distributed.checkpoint`` shards and ``meta.pt``): every process copies its
+    shards to host memory and writes them in the background, and the folder is committed once
+    every process's parts are on disk, so ``dirpath`` must be a directory every process can
+    write (a local or shared file system). Their full state dicts are single files.
+    ``DeepSpeedStrategy`` is refused at setup.
     """
 
     def __init__(
@@ -194,19 +220,22 @@ class BestCheckpoint(ModelCheckpoint):
         self._saver: BestSaver | None = None
         self._restored: dict[str, Any] | None = None
         self._staged = True
+        self._shards_key: str | None = None  # a sharded strategy's key for the model's shards
+        self._group: _ProcessGroup | None = None  # the processes writing those shards
         self._evaluated_at: int | None = None
         self._current: Any = None  # the monitored value of the evaluation being saved
         self._last_written_at: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_saver", "_stager"):
+        for name in ("_saver", "_stager", "_group"):
             state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._saver = None
+        self._group = None
 
     @property
     def _staging(self) -> Stager:
@@ -257,9 +286,11 @@ class BestCheckpoint(ModelCheckpoint):
     # -- opening the run -----------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _refuse_deepspeed(trainer.strategy)  # before a directory is made for the run
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            _check_single_file_checkpoints(trainer.strategy)
+            _check_shards_dirpath(trainer.strategy, os.fspath(self.dirpath or ""))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -267,23 +298,33 @@ class BestCheckpoint(ModelCheckpoint):
             self._open(trainer, pl_module)
 
     def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> BestSaver:
-        # Strategies that save the way Strategy does (global rank 0 writes what
-        # dump_checkpoint returns, with no collective call) let rank 0 snapshot the state
+        # Sharded strategies: every rank snapshots its own shards and writes them later
+        # (_sharded_writer). Strategies that save the way Strategy does (global rank 0 writes
+        # what dump_checkpoint returns, with no collective call) let rank 0 snapshot the state
         # alone and serialize it later; any other strategy saves through
         # trainer.save_checkpoint on every rank.
+        self._shards_key = _shards_key(trainer.strategy)
         strategy = type(trainer.strategy)
-        self._staged = all(
-            getattr(strategy, name) is getattr(Strategy, name)
-            for name in ("save_checkpoint", "lightning_module_state_dict", "optimizer_state")
-        ) and not any(
-            hasattr(getattr(o, "_optimizer", o), "consolidate_state_dict")
-            for o in trainer.optimizers
+        self._staged = (
+            self._shards_key is None
+            and all(
+                getattr(strategy, name) is getattr(Strategy, name)
+                for name in ("save_checkpoint", "lightning_module_state_dict", "optimizer_state")
+            )
+            and not any(
+                hasattr(getattr(o, "_optimizer", o), "consolidate_state_dict")
+                for o in trainer.optimizers
+            )
         )
         if self._staged and trainer.is_global_zero:
             # The first save then copies into buffers allocated while the first epoch trains.
             self._staging.reserve({"state_dict": pl_module.state_dict()})
         if self._saver is not None and self._saver.dirpath == self._store_url():
             return self._saver  # a second fit() with this callback continues its run
+        if self._shards_key is not None:
+            # A group of bestsave's own (a collective call: every rank opens the run here), so
+            # that background writes never share a collective stream with training.
+            self._group = _ProcessGroup()
         self._saver = self._new_saver(trainer, pl_module)
         self._restored = None
         self._apply(self._share(trainer, self._local_view(None)))
@@ -343,8 +384,10 @@ class BestCheckpoint(ModelCheckpoint):
 
     # -- writing ----------------------------------------------------------------------------
 
-    def _writer(self, trainer: pl.Trainer, weights_only: bool) -> Writer | Staged:
+    def _writer(self, trainer: pl.Trainer, weights_only: bool) -> Writer | Staged | Sharded:
         """Writes the checkpoint Lightning would write with ``trainer.save_checkpoint``."""
+        if self._shards_key is not None:
+            return self._sharded_writer(trainer, weights_only)
         if self._staged:
             checkpoint_io = trainer.strategy.checkpoint_io
             if isinstance(checkpoint_io, AsyncCheckpointIO) and checkpoint_io.checkpoint_io:
@@ -377,6 +420,37 @@ class BestCheckpoint(ModelCheckpoint):
         with trainer.profiler.profile("save_checkpoint"):  # type: ignore[attr-defined]
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
             return self._staging.snapshot(checkpoint)
+
+    def _sharded_writer(self, trainer: pl.Trainer, weights_only: bool) -> Sharded:
+        """The folder a sharded strategy's ``save_checkpoint`` writes, written in the
+        background by every rank: the model's and optimizers' shards through
+        ``torch.distributed.checkpoint`` over bestsave's own group, the rest of the checkpoint
+        in ``meta.pt`` by global rank 0. The strategy's ``load_checkpoint`` reads it back."""
+        key, group = self._shards_key, self._group
+        assert key is not None and group is not None, "a sharded run opens its group first"
+
+        def capture() -> Snapshot:
+            self._apply_now()
+            # On every rank in the training thread, as the strategy's own save: its state dicts
+            # hold this rank's shards (and gathering a full optimizer state is collective).
+            with trainer.profiler.profile("save_checkpoint"):  # type: ignore[attr-defined]
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
+                shards = {key: checkpoint.pop("state_dict")}
+                for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
+                    shards[f"optimizer_{i}"] = state
+                meta = checkpoint if trainer.is_global_zero else None
+                return self._staging.snapshot({"shards": shards, "meta": meta})
+
+        def write(snapshot: Snapshot, where: str) -> None:
+            meta = snapshot.state["meta"]
+            if meta is not None:
+                # Before the shards: the collective save ends after this, so every rank's
+                # listing of the folder for its checksums sees the file.
+                os.makedirs(where, exist_ok=True)
+                torch.save(meta, os.path.join(where, _METADATA_FILENAME))
+            _save_shards(snapshot.state["shards"], where, group, {})  # a local path
+
+        return Sharded(capture, write, group)
 
     def _on_all_ranks(self, trainer: pl.Trainer, save: Callable[[], Decision | None]) -> _View:
         """Run ``save`` with global rank 0's saver, the other ranks joining the collective calls
@@ -485,7 +559,10 @@ class BestCheckpoint(ModelCheckpoint):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if self._should_save_on_exception(trainer) and self.dirpath is not None:
+        # save_on_exception saves on every rank, as ModelCheckpoint's does: the exception
+        # must have reached them all. Otherwise it may have reached this rank alone.
+        saving = self._should_save_on_exception(trainer) and self.dirpath is not None
+        if saving:
             saver = self._saver or self._open(trainer, pl_module)
             candidates = self._monitor_candidates(trainer)
             metrics = {
@@ -503,8 +580,8 @@ class BestCheckpoint(ModelCheckpoint):
                 filename=template,
                 fields=self._fields(template, metrics),
             )
-            if not trainer.is_global_zero and not self._staged:
-                trainer.save_checkpoint(os.path.join(os.fspath(self.dirpath), "unused.ckpt"))
+            if not trainer.is_global_zero and not self._staged and self._shards_key is None:
+                trainer.save_checkpoint(os.path.join(os.fspath(self.dirpath or ""), "unused.ckpt"))
             if record is not None:
                 self._saved(trainer, record.path)
                 rank_zero_info(
@@ -514,7 +591,9 @@ class BestCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, candidates)
         if self._saver is not None:
             try:
-                self._saver.close()
+                # Closing a sharded run waits for the other ranks, unless this one may be alone
+                # (then it only waits for its own writes).
+                self._saver.close(alone=self._shards_key is not None and not saving)
             except Exception as e:  # the training's exception is the one to raise
                 rank_zero_warn(f"BestCheckpoint could not finish its pending writes: {e}")
 
@@ -737,17 +816,36 @@ def _uploads_every_save(trainer: pl.Trainer) -> bool:
     return any(getattr(logger, "_log_model", None) == "all" for logger in trainer.loggers)
 
 
-def _check_single_file_checkpoints(strategy: Strategy) -> None:
-    """Refuse strategies that save a directory of shards: a kept checkpoint is one file."""
+def _shards_key(strategy: Strategy) -> str | None:
+    """The key under which ``strategy`` saves the model's shards in a sharded checkpoint
+    folder, as its ``load_checkpoint`` reads them; None when its checkpoints are one file."""
+    if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
+        return "state_dict"
+    if isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "sharded":
+        return "model"
+    return None
+
+
+def _refuse_deepspeed(strategy: Strategy) -> None:
+    """DeepSpeed's checkpoints are its engine's: refuse them, saying what to do instead."""
     if isinstance(strategy, DeepSpeedStrategy):
-        what = "DeepSpeedStrategy saves a directory of shards"
-        fix = "convert with DeepSpeed's zero_to_fp32 after training, or use FSDP"
-    elif getattr(strategy, "_state_dict_type", "full") == "sharded":
-        what = "FSDPStrategy(state_dict_type='sharded') saves a directory of shards"
-        fix = "use FSDPStrategy(state_dict_type='full')"
-    elif getattr(strategy, "_save_distributed_checkpoint", False):
-        what = f"{type(strategy).__name__} saves a distributed checkpoint directory"
-        fix = "pass save_distributed_checkpoint=False to the strategy"
-    else:
-        return
-    raise ValueError(f"BestCheckpoint keeps single-file checkpoints, but {what}; {fix}.")
+        raise ValueError(
+            f"BestCheckpoint cannot keep {type(strategy).__name__}'s checkpoints: DeepSpeed's "
+            "engine writes and reads its checkpoint folders itself, with no way to write them "
+            "in the background or to check their parts. Use ModelCheckpoint with DeepSpeed, or "
+            "train with FSDPStrategy or ModelParallelStrategy, whose sharded checkpoints "
+            "BestCheckpoint keeps."
+        )
+
+
+def _check_shards_dirpath(strategy: Strategy, dirpath: str) -> None:
+    """Sharded checkpoints go where every process writes and the strategy loads: a path."""
+    name = type(strategy).__name__
+    if _shards_key(strategy) is not None and not _is_local_file_protocol(dirpath):
+        raise ValueError(
+            f"BestCheckpoint keeps {name}'s sharded checkpoints in a directory every process "
+            f"writes, which {name} then loads from a path, but dirpath={dirpath!r} is a URL. "
+            "Pass a local or shared file system path as dirpath (copy the folders elsewhere "
+            "after training), or save full state dicts (FSDPStrategy(state_dict_type='full'), "
+            "ModelParallelStrategy(save_distributed_checkpoint=False))."
+        )

@@ -425,11 +425,13 @@ class BestSaver:
         counts as best and is never evicted. Written before this returns.
 
         ``filename`` is the file's name template, filled from the epoch, step, ``metrics`` and
-        ``fields`` (values for the template only, as in :meth:`step`)."""
-        if not self.writer:
-            return None
+        ``fields`` (values for the template only, as in :meth:`step`). With a
+        :class:`Sharded` writer every process calls it, and writes its shards."""
         base = self._record(epoch, step, metrics)
         record = exception_file(base, self._naming, filename, fields or {}, self._taken)
+        if not self.writer:
+            self._write_shards([record], None, write, None)
+            return None
         self._pipeline.keep_error(self._pipeline.flush())
         job = self._pipeline.capture(Job(), [record], None, write, None)
         self._state = replace(self._state, kept=(*self._state.kept, record))  # ordered: last
@@ -468,12 +470,15 @@ class BestSaver:
         With sharded checkpoints every process calls it, and each raises what failed on any."""
         self._failed(self._pipeline.settle(self._pipeline.flush()))
 
-    def close(self) -> None:
+    def close(self, *, alone: bool = False) -> None:
         """Flush, release the run, and tell trackers its best. May be called more than once;
         the saver stays usable (the next step takes the run again). With sharded checkpoints
-        every process calls it."""
+        every process calls it; ``alone=True`` is for a process that may be the only one
+        closing (an exception that reached it alone): it waits for its own writes but skips
+        the exchange in which every process learns the committing one's outcome."""
         try:
-            self._failed(self._pipeline.settle(self._pipeline.flush(stop=True)))
+            error = self._pipeline.flush(stop=True)
+            self._failed(error if alone else self._pipeline.settle(error))
         finally:
             self._dir.release()
         if self.writer:

@@ -6,9 +6,9 @@ allocated beforehand costs only memory bandwidth. Two buffer sets alternate so a
 overwrites the one a write in flight is still reading: the first snapshot allocates one set,
 and a helper thread allocates and touches the second while training goes on.
 
-Tensors may be torch tensors (of a ``DTensor``, each process copies its own shard) or numpy
-arrays (Keras hands over the latter on backends other than torch); neither library is imported
-here, only used when the state holds its arrays.
+Tensors may be torch tensors (of a ``DTensor`` or a ``ShardedTensor``, each process copies its
+own shards) or numpy arrays (Keras hands over the latter on backends other than torch); neither
+library is imported here, only used when the state holds its arrays.
 """
 
 from __future__ import annotations
@@ -147,6 +147,18 @@ class Stager:
             local = self._copy_tensor(t.to_local(), path, buffers, sync)
             return dtensor.from_local(local, t.device_mesh, t.placements, run_check=False,
                                       shape=t.shape, stride=t.stride())  # fmt: skip
+        sharded = _sharded_tensor_class()
+        if sharded is not None and isinstance(t, sharded):
+            # FSDP1's sharded state dicts: the same, for each of this process's shards.
+            from torch.distributed._shard.sharded_tensor import Shard
+
+            shards = [
+                Shard(self._copy_tensor(s.tensor, (*path, i), buffers, sync), s.metadata)
+                for i, s in enumerate(t.local_shards())
+            ]
+            return sharded._init_from_local_shards_and_global_metadata(
+                shards, t.metadata(), process_group=t._process_group
+            )
         if t.layout != torch.strided:
             return t.detach().to("cpu", copy=True)
         buf = buffers.get(path)
@@ -207,8 +219,12 @@ def _tensors(obj: Any, path: tuple[Any, ...], out: dict[tuple[Any, ...], Any]) -
     the path it files them under."""
     torch, np = sys.modules.get("torch"), sys.modules.get("numpy")
     dtensor = _dtensor_class()
+    sharded = _sharded_tensor_class()
     if dtensor is not None and isinstance(obj, dtensor):
         out[path] = obj.to_local()
+    elif sharded is not None and isinstance(obj, sharded):
+        for i, shard in enumerate(obj.local_shards()):
+            out[(*path, i)] = shard.tensor
     elif torch is not None and isinstance(obj, torch.Tensor):
         if obj.layout == torch.strided:
             out[path] = obj
@@ -225,6 +241,12 @@ def _tensors(obj: Any, path: tuple[Any, ...], out: dict[tuple[Any, ...], Any]) -
 def _dtensor_class() -> Any:
     """torch's ``DTensor``, when a sharded model has loaded it; else None."""
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _sharded_tensor_class() -> Any:
+    """torch's ``ShardedTensor`` (FSDP1's sharded state dicts), when loaded; else None."""
+    return getattr(sys.modules.get("torch.distributed._shard.sharded_tensor"), "ShardedTensor",
+                   None)  # fmt: skip
 
 
 def _helper(
