@@ -60,7 +60,7 @@ from bestsave import (
     Sharded,
     Staged,
 )
-from bestsave.adapters.torch import _ProcessGroup, _save_shards
+from bestsave.adapters.torch import ShardGroup, save_shards
 from bestsave.layout import run_name
 from bestsave.metrics import as_number
 from bestsave.monitor import infer_mode
@@ -221,7 +221,7 @@ class BestCheckpoint(ModelCheckpoint):
         self._restored: dict[str, Any] | None = None
         self._staged = True
         self._shards_key: str | None = None  # a sharded strategy's key for the model's shards
-        self._group: _ProcessGroup | None = None  # the processes writing those shards
+        self._group: ShardGroup | None = None  # the processes writing those shards
         self._evaluated_at: int | None = None
         self._current: Any = None  # the monitored value of the evaluation being saved
         self._last_written_at: int | None = None
@@ -324,7 +324,7 @@ class BestCheckpoint(ModelCheckpoint):
         if self._shards_key is not None:
             # A group of bestsave's own (a collective call: every rank opens the run here), so
             # that background writes never share a collective stream with training.
-            self._group = _ProcessGroup()
+            self._group = ShardGroup()
         self._saver = self._new_saver(trainer, pl_module)
         self._restored = None
         self._apply(self._share(trainer, self._local_view(None)))
@@ -448,7 +448,7 @@ class BestCheckpoint(ModelCheckpoint):
                 # listing of the folder for its checksums sees the file.
                 os.makedirs(where, exist_ok=True)
                 torch.save(meta, os.path.join(where, _METADATA_FILENAME))
-            _save_shards(snapshot.state["shards"], where, group, {})  # a local path
+            save_shards(snapshot.state["shards"], where, group, {})  # a local path
 
         return Sharded(capture, write, group)
 

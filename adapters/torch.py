@@ -58,7 +58,8 @@ def global_rank() -> int:
 def export(checkpoint: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
     """Write a ``TorchCheckpointer`` checkpoint as one file on this process: a sharded one (a
     ``torch.distributed.checkpoint`` folder) is consolidated. ``output`` ending in
-    ``.safetensors`` gets the model's weights; any other name ``torch.save`` of the whole
+    ``.safetensors`` gets the model's weights (its ``model`` or ``state_dict`` entry, as a
+    Lightning checkpoint holds them); any other name ``torch.save`` of the whole
     checkpoint (model, optimiser, epoch...). What ``bestsave export`` runs.
     """
     source, target = os.fspath(checkpoint), os.fspath(output)
@@ -76,7 +77,13 @@ def export(checkpoint: str | os.PathLike[str], output: str | os.PathLike[str]) -
             from safetensors.torch import save_file
 
             state = torch.load(whole, map_location="cpu", weights_only=True)
-            save_file({k: v.contiguous() for k, v in state["model"].items()}, tmp)
+            weights = state.get("model", state.get("state_dict"))  # ours and FSDP; Lightning's
+            if not isinstance(weights, dict):
+                raise ValueError(
+                    f"{source} holds no model weights under 'model' or 'state_dict' "
+                    f"(it holds {sorted(state)}); export it to a .pth file instead"
+                )
+            save_file({k: v.contiguous() for k, v in weights.items()}, tmp)
         else:
             os.replace(whole, tmp)
         os.replace(tmp, target)
@@ -97,8 +104,8 @@ def _sharded_state(
     return model_state, optimizer_state if optimizer is not None else None
 
 
-def _save_shards(
-    state: dict[str, Any], where: str, group: _ProcessGroup, storage_options: dict[str, Any]
+def save_shards(
+    state: dict[str, Any], where: str, group: ShardGroup, storage_options: dict[str, Any]
 ) -> None:
     """Write this process's shards of ``state`` into the folder ``where`` (a path or URL)."""
     import torch.distributed.checkpoint as dcp
@@ -118,7 +125,7 @@ def _save_shards(
         raise (mine or RuntimeError(f"the write failed on rank {others}")) from None
 
 
-class _ProcessGroup:
+class ShardGroup:
     """The processes of a sharded run, over a process group of their own (gloo), so that the
     background writes never share a collective stream with training."""
 
@@ -215,7 +222,7 @@ class TorchCheckpointer:
         self._epoch = -1
         self._step: int | None = None
         self._previous_handler: Any = None
-        self._group: _ProcessGroup | None = None
+        self._group: ShardGroup | None = None
         """The processes writing a sharded model's checkpoints, once one is seen."""
 
     # -- what the saver knows -------------------------------------------------------------
@@ -270,7 +277,7 @@ class TorchCheckpointer:
 
         if self._group is not None:
             group = self._group
-            return Sharded(capture, lambda snap, where: _save_shards(snap.state, where, group,
+            return Sharded(capture, lambda snap, where: save_shards(snap.state, where, group,
                                                                       self._storage_options),
                            group)  # fmt: skip
         if self.format == "safetensors":
@@ -318,7 +325,7 @@ class TorchCheckpointer:
                 "a sharded model is saved as torch.distributed.checkpoint folders: use "
                 "format='torch', and 'bestsave export' for one safetensors file"
             )
-        self._group = _ProcessGroup()
+        self._group = ShardGroup()
 
     def restore(
         self,
