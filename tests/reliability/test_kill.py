@@ -325,6 +325,21 @@ def test_a_crash_between_the_commit_and_the_rename_leaves_the_committed_last_rea
     assert (tmp_path / "last").read_text() == "epoch 2"
 
 
+def test_a_crash_while_a_folder_replaces_another_leaves_nothing_the_next_start_misses(tmp_path):
+    """A folder (a sharded ``last``) cannot be renamed over another: the old one is moved aside
+    first, then deleted. A crash before it is gone must leave it where temporary files go, the
+    run's folder, which the next start cleans; the checkpoint directory holds checkpoints."""
+    crash(tmp_path, "replacing-a-folder")
+    manifest = assert_intact(tmp_path)
+    assert manifest.last.epoch == 1
+    assert open(os.path.join(fetch(manifest.last), "weights")).read() == "epoch 1"
+    assert crash_problems(tmp_path) == []
+    assert [n for n in os.listdir(tmp_path) if n.startswith(TMP_PREFIX)] == []
+    BestSaver(tmp_path, monitor="val_loss", save_last=True, resume=True, trackers=()).close()
+    assert leftovers(tmp_path) == []
+    assert [str(p) for p in verify(tmp_path)] == []
+
+
 def test_a_run_killed_before_its_first_commit_leaves_no_history_to_the_next_run(tmp_path):
     """The history line of an evaluation that was never committed must not become part of the
     run started next in the same directory."""
