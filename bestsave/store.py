@@ -228,8 +228,12 @@ class LocalStore:
     def rename(self, src: str, dst: str) -> None:
         target = self._path(dst)
         if os.path.isdir(target) and not os.path.islink(target):
-            # A folder is not replaced by a rename: the old one is moved aside first.
-            aside = os.path.join(os.path.dirname(target), tmp_name(os.path.basename(target)))
+            # A folder is not replaced by a rename: the old one is moved aside first, beside
+            # ``src`` (a temporary name in the run's folder), where a crash's leftovers are
+            # cleaned; never into the checkpoint directory itself.
+            aside = os.path.join(
+                os.path.dirname(self._path(src)), tmp_name(os.path.basename(target))
+            )
             os.replace(target, aside)
             os.replace(self._path(src), target)
             shutil.rmtree(aside, ignore_errors=True)

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -90,20 +91,32 @@ def leftovers(dirpath: str | os.PathLike[str], **storage_options: Any) -> list[s
 def assert_intact(dirpath: str | os.PathLike[str], **storage_options: Any) -> Manifest:
     """Every file the manifest names is there and matches its sha256; the best one loads.
 
-    ``fetch`` raises :class:`bestsave.ChecksumError` or ``FileNotFoundError`` otherwise. Torch
-    checkpoints are loaded with ``weights_only=True`` and must be the epoch their record says.
+    ``fetch`` raises :class:`bestsave.ChecksumError` or ``FileNotFoundError`` otherwise (for a
+    folder, part by part). Torch checkpoints are loaded with ``weights_only=True`` (a sharded
+    one consolidated) and must be the epoch their record says.
     """
     manifest = load_manifest(dirpath, **storage_options)
     records = [*manifest.kept, *([manifest.last] if manifest.last else [])]
     local = {r.name: fetch(r, **storage_options) for r in records}
     best = manifest.best
     if best is not None and best.name.endswith((".pth", ".ckpt")):
-        import torch
-
-        state = torch.load(local[best.name], map_location="cpu", weights_only=True)
-        epoch = state.get("epoch")
+        epoch = load_whole(local[best.name]).get("epoch")
         assert epoch == best.epoch, f"{best.name} holds epoch {epoch}, its record says {best.epoch}"
     return manifest
+
+
+def load_whole(path: str) -> dict[str, Any]:
+    """A torch checkpoint as one dict, loaded with ``weights_only=True``: a sharded one (a
+    ``torch.distributed.checkpoint`` folder) is consolidated first, as ``bestsave export`` does."""
+    import torch
+
+    if not os.path.isdir(path):
+        return torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+    from bestsave.adapters.torch import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export(path, os.path.join(tmp, "whole.pth"))
+        return torch.load(os.path.join(tmp, "whole.pth"), weights_only=True)  # type: ignore[no-any-return]
 
 
 def crash_problems(dirpath: str | os.PathLike[str], **storage_options: Any) -> list[str]:
@@ -155,11 +168,13 @@ def forkserver() -> Any:
     Lightning) already: a training process starts in milliseconds instead of seconds."""
     import multiprocessing
 
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     if str(SCRIPTS) not in sys.path:
         sys.path.insert(0, str(SCRIPTS))  # the server imports kill_train from here
     context = multiprocessing.get_context("forkserver")
     preload = ["torch", "bestsave.adapters.torch", "kill_train"]
+    if torch.distributed.is_available():
+        preload.append("fsdp_torch")  # the sharded run's ranks
     try:
         import bestsave.adapters.lightning  # noqa: F401
     except ImportError:

@@ -14,9 +14,17 @@ recovers from the previous kill. After every kill:
 and the run, resumed again and again until it ends, keeps the same files (epochs, kinds, names,
 bytes of the weights), history and decisions as the same run never interrupted.
 
-The number of kills is ``BESTSAVE_KILLS`` (default 30; ``nox -s stress`` sets 300). Processes
-are forked from a server that has imported torch already, so a start costs milliseconds, not an
-interpreter start; ``test_killed_fresh_interpreters_resume`` runs the script as users do.
+A sharded run (``scripts/fsdp_torch.py``: FSDP2 on two gloo processes, every rank writing its
+shards of every epoch's save in the background, rank 0 committing) is killed the same way, one
+rank (0 or 1) or both at once during its saves; the rank left is killed a moment later, as
+``torchrun`` does. After every kill the checks above hold, the best loads on one process and,
+when the run resumes, on a fresh process group, with the weights that epoch had; and the run,
+resumed until it ends, keeps the same checkpoints, part for part in the weights.
+
+The number of kills is ``BESTSAVE_KILLS`` (default 30; ``nox -s stress`` sets 300), a third of
+that for the sharded run, whose starts cost more. Processes are forked from a server that has
+imported torch already, so a start costs milliseconds, not an interpreter start;
+``test_killed_fresh_interpreters_resume`` runs the script as users do.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,16 +46,27 @@ torch = pytest.importorskip("torch")
 
 from runfiles import run_folder
 
-from bestsave import BestSaver, fetch
+from bestsave import BestSaver, fetch, load_best, load_manifest
 from bestsave.layout import HISTORY, LOCK, META, RunFiles, run_name, runs_in
 from bestsave.naming import DEFAULT_TEMPLATE
 from bestsave.store import TMP_PREFIX, open_store
 from bestsave.verify import load_history, verify
 
-from .conftest import SCRIPTS, assert_intact, crash_problems, leftovers, names
+from .conftest import (
+    SCRIPTS,
+    assert_intact,
+    crash_problems,
+    free_port,
+    leftovers,
+    load_whole,
+    names,
+)
 
 sys.path.insert(0, str(SCRIPTS))
 import kill_train
+
+if torch.distributed.is_available():
+    import fsdp_torch
 
 KILLS = int(os.environ.get("BESTSAVE_KILLS", "30"))
 SEED = int(os.environ.get("BESTSAVE_KILL_SEED", "20240607"))
@@ -78,19 +98,22 @@ class Where(NamedTuple):
 
 
 class Child:
-    """One start of the training run, forked from the server; killed or left to finish."""
+    """One process of a start of the training run, forked from the server: ``target(conn,
+    *args)`` reports its progress through ``conn``; killed or left to finish."""
 
-    def __init__(self, context: Any, framework: str, where: Where, async_write: bool) -> None:
+    def __init__(self, context: Any, target: Any, *args: Any) -> None:
         self.conn, child_conn = context.Pipe()
-        self.process = context.Process(
-            target=kill_train.run_in_child,
-            args=(child_conn, framework, where.url, async_write, where.options, where.epochs),
-            daemon=True,
-        )
+        self.process = context.Process(target=target, args=(child_conn, *args), daemon=True)
         self.process.start()
         child_conn.close()
 
-    def receive(self) -> tuple[str, int] | None:
+    @classmethod
+    def training(cls, context: Any, framework: str, where: Where, async_write: bool) -> Child:
+        """A start of ``scripts/kill_train.py``."""
+        return cls(context, kill_train.run_in_child, framework, where.url, async_write,
+                   where.options, where.epochs)  # fmt: skip
+
+    def receive(self) -> Any:
         """The next progress message, or None once the process is gone."""
         if not self.conn.poll(TIMEOUT):
             self.kill()
@@ -155,7 +178,7 @@ def check_clean_start(where: Where) -> None:
 
 
 def weights(record: Any, framework: str, options: dict[str, Any]) -> dict[str, Any]:
-    state = torch.load(fetch(record, **options), map_location="cpu", weights_only=True)
+    state = load_whole(fetch(record, **options))
     return state["model"] if framework == "torch" else state["state_dict"]
 
 
@@ -188,7 +211,7 @@ def assert_same_run(where: Where, reference: Where, framework: str) -> None:
 
 
 def reference_run(context: Any, framework: str, where: Where) -> Where:
-    child = Child(context, framework, where, async_write=True)
+    child = Child.training(context, framework, where, async_write=True)
     assert child.receive() == ("ready", 0)
     child.go()
     child.finish()
@@ -208,7 +231,7 @@ def kill_and_resume(context: Any, framework: str, base: Where, kills: int, seed:
     where = base.sub("run-0")
     startup, epoch_time = 0.05, 0.05  # seconds; measured as the test goes
     while True:
-        child = Child(context, framework, where, async_write=rng.random() < 0.75)
+        child = Child.training(context, framework, where, async_write=rng.random() < 0.75)
         started = time.monotonic()
         if done < kills and rng.random() < 0.1:
             time.sleep(rng.uniform(0.0, startup))
@@ -291,6 +314,205 @@ def test_killed_fresh_interpreters_resume(tmp_path):
     assert_same_run(run, reference, "torch")
 
 
+# -- sharded runs: every rank writes its shards; one rank is killed, or all ------------------------
+
+SHARDED_EPOCHS = 24
+SHARDED_KILLS = max(3, KILLS // 3)  # a start costs two processes and a process group
+WORLD = 2
+VICTIMS = ([0], [1], [0, 1])  # in turn: rank 0 (the committer), rank 1, every rank
+needs_sharding = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+
+
+class Ranks:
+    """One start of the sharded run (``scripts/fsdp_torch.py``, resuming): both ranks, forked
+    from the server, on a process group of their own. Leaving the ``with`` block SIGKILLs any
+    rank still running, so none blocked in a collective with a dead peer outlives the test."""
+
+    def __init__(self, context: Any, where: Where, out: Path) -> None:
+        argv = [where.url, str(out), "--resume", "--epochs", str(where.epochs)]
+        port = free_port()
+        self.ranks = [
+            Child(context, fsdp_torch.run_in_child, rank, WORLD, port, argv)
+            for rank in range(WORLD)
+        ]
+        self.last: Any = None
+        """The message that ended :meth:`stepped`."""
+
+    def __enter__(self) -> Ranks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for child in self.ranks:
+            if child.process.exitcode is None:
+                child.kill()
+
+    def ready(self) -> list[dict[str, Any]]:
+        """What each rank restored, once every rank has (the run then waits for :meth:`go`)."""
+        facts = []
+        for child in self.ranks:
+            message = child.receive()
+            assert message is not None and message[0] == "ready", message
+            facts.append(message[2])
+        return facts
+
+    def go(self) -> None:
+        for child in self.ranks:
+            child.go()
+
+    def stepped(self) -> Iterator[int]:
+        """Each epoch rank 0 has evaluated (and started saving), as it goes."""
+        while (message := self.ranks[0].receive()) is not None and message[0] == "stepped":
+            yield message[1]
+        self.last = message
+
+    def kill(self, victims: list[int], grace: float) -> bool:
+        """SIGKILL ``victims``; ``grace`` seconds later, as ``torchrun`` does once a rank has
+        died, every rank left. False when the run had ended already."""
+        killed = [self.ranks[rank].kill() for rank in victims]
+        time.sleep(grace)
+        self.__exit__()
+        return any(killed)
+
+    def finish(self, message: Any = None) -> list[dict[str, Any]]:
+        """Wait for the run to end on every rank (``message``: rank 0's last one already
+        received); returns each rank's report."""
+        reports = []
+        for child in self.ranks:
+            while message is None or message[0] != "done":
+                message = child.receive()
+                assert message is not None, "a rank died before the run ended"
+            reports.append(message[2])
+            child.process.join(TIMEOUT)
+            assert child.process.exitcode == 0, f"a rank exited {child.process.exitcode}"
+            message = None
+        return reports
+
+
+def sharded_reference(context: Any, where: Where, out: Path) -> Where:
+    out.mkdir()
+    with Ranks(context, where, out) as ranks:
+        ranks.ready()
+        ranks.go()
+        reports = ranks.finish()
+    assert [(r["error"], r["best_weights_match"]) for r in reports] == [(None, True)] * WORLD
+    return where
+
+
+def check_sharded_after_kill(where: Where, out: Path, committed: int) -> tuple[bool, int]:
+    """Nothing committed is lost, and the best loads on one process as the epoch's weights the
+    run recorded. Returns whether the kill interrupted a save, and the last committed epoch (at
+    least ``committed``, the one before the kill)."""
+    interrupted = check_after_kill(where)  # every part of every record, the best's epoch
+    if not where.has_run():
+        assert committed == -1, "a committed run is gone"
+        return interrupted, -1
+    manifest = load_manifest(where.url)
+    assert manifest.last is not None and manifest.last.epoch >= committed
+    last = manifest.last.epoch
+    best = load_best(where.url)
+    assert best.epoch == best_until(last), "not the best of the committed epochs"
+    recorded = torch.load(out / f"weights-{best.epoch}.pt")
+    loaded = load_whole(fetch(best))["model"]
+    assert loaded.keys() == recorded.keys()
+    for key, value in recorded.items():
+        assert torch.equal(loaded[key], value), f"{best.name}: {key} differs"
+    return interrupted, last
+
+
+def best_until(epoch: int) -> int:
+    """The best epoch of the sharded run's first ``epoch + 1``: the first with the lowest score
+    (a tie is no improvement)."""
+    return min(range(epoch + 1), key=fsdp_torch.score)
+
+
+def check_sharded_start(facts: list[dict[str, Any]], committed: int) -> None:
+    """Every rank resumed after the last committed epoch with its weights, and loaded the best
+    committed before the kill into a fresh model on the new process group."""
+    for rank in facts:
+        assert rank["restored"] == committed + 1
+        if committed >= 0:
+            assert rank["restored_weights_match"], "the restored weights are not the epoch's"
+            best = (rank["resumed_best"], rank["resumed_best_weights_match"])
+            assert best == (best_until(committed), True)
+
+
+def kill_sharded_and_resume(context: Any, tmp_path: Path, kills: int, seed: int) -> None:
+    """Kill ``kills`` times, in turn rank 0, rank 1 and both, at seeded random moments of
+    sharded saves, then resume; every run that ends must equal the uninterrupted one.
+
+    Every epoch saves (``last``, and the top 2 as they change) and the shard writers are the
+    slower part, so a moment a random fraction of an epoch or two after rank 0 evaluates falls
+    inside a save: capturing, writing shards, hashing, committing or renaming. A tenth of the
+    kills land while a start recovers from the previous one.
+    """
+    reference = sharded_reference(
+        context, Where(str(tmp_path / "reference"), {}, SHARDED_EPOCHS), tmp_path / "out-ref"
+    )
+    rng = random.Random(seed)
+    out = tmp_path / "out"
+    out.mkdir()
+    rounds, done, interrupted = 0, 0, 0
+    where = Where(str(tmp_path / "run-0"), {}, SHARDED_EPOCHS)
+    committed = -1
+    startup, epoch_time = 0.5, 0.1  # seconds; measured as the test goes
+    while True:
+        with Ranks(context, where, out) as ranks:
+            victims, grace = VICTIMS[done % len(VICTIMS)], rng.uniform(0.0, 0.5)
+            started = time.monotonic()
+            if done < kills and rng.random() < 0.1:
+                time.sleep(rng.uniform(0.0, startup))
+                assert ranks.kill(victims, grace), "the run cannot have ended before it began"
+                done += 1
+                hit, committed = check_sharded_after_kill(where, out, committed)
+                interrupted += hit
+                continue
+            facts = ranks.ready()
+            startup = 0.8 * startup + 0.2 * (time.monotonic() - started)
+            check_sharded_start(facts, committed)
+            check_clean_start(where)
+            ranks.go()
+            if done >= kills:
+                ranks.finish()
+                assert_same_run(where, reference, "torch")
+                break
+            target = committed + 1 + rng.randint(0, 6)
+            delay = rng.uniform(0.0, 2.0)
+            last_seen = time.monotonic()
+            for epoch in ranks.stepped():
+                now = time.monotonic()
+                epoch_time = 0.9 * epoch_time + 0.1 * (now - last_seen)
+                last_seen = now
+                if epoch >= target:
+                    time.sleep(delay * epoch_time)
+                    if ranks.kill(victims, grace):
+                        done += 1
+                        hit, committed = check_sharded_after_kill(where, out, committed)
+                        interrupted += hit
+                        break
+            else:
+                # The run ended before its kill came: it must be the reference run; start another.
+                ranks.finish(ranks.last)
+                assert_same_run(where, reference, "torch")
+                rounds += 1
+                where = Where(str(tmp_path / f"run-{rounds}"), {}, SHARDED_EPOCHS)
+                committed = -1
+    print(f"sharded: {done} kills, {interrupted} inside a save, {rounds} runs ended between")
+    assert interrupted >= min(kills, 10) // 2, f"only {interrupted} of {kills} kills hit a save"
+
+
+@needs_sharding
+def test_killed_sharded_training_loses_nothing_and_resumes_to_the_same_files(tmp_path, forkserver):
+    kill_sharded_and_resume(forkserver, tmp_path, SHARDED_KILLS, SEED + 5)
+
+
+@pytest.mark.slow
+@needs_sharding
+def test_killed_sharded_training_100_times(tmp_path, forkserver):
+    kill_sharded_and_resume(forkserver, tmp_path, max(SHARDED_KILLS, 100), SEED + 6)
+
+
 # -- kills at one chosen instant, for the cases the random schedule hits only now and then ---------
 
 
@@ -323,6 +545,21 @@ def test_a_crash_between_the_commit_and_the_rename_leaves_the_committed_last_rea
     BestSaver(tmp_path, monitor="val_loss", save_last=True, resume=True, trackers=()).close()
     assert [str(p) for p in verify(tmp_path)] == []
     assert (tmp_path / "last").read_text() == "epoch 2"
+
+
+def test_a_crash_while_a_folder_replaces_another_leaves_nothing_the_next_start_misses(tmp_path):
+    """A folder (a sharded ``last``) cannot be renamed over another: the old one is moved aside
+    first, then deleted. A crash before it is gone must leave it where temporary files go, the
+    run's folder, which the next start cleans; the checkpoint directory holds checkpoints."""
+    crash(tmp_path, "replacing-a-folder")
+    manifest = assert_intact(tmp_path)
+    assert manifest.last.epoch == 1
+    assert open(os.path.join(fetch(manifest.last), "weights")).read() == "epoch 1"
+    assert crash_problems(tmp_path) == []
+    assert [n for n in os.listdir(tmp_path) if n.startswith(TMP_PREFIX)] == []
+    BestSaver(tmp_path, monitor="val_loss", save_last=True, resume=True, trackers=()).close()
+    assert leftovers(tmp_path) == []
+    assert [str(p) for p in verify(tmp_path)] == []
 
 
 def test_a_run_killed_before_its_first_commit_leaves_no_history_to_the_next_run(tmp_path):

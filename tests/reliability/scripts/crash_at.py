@@ -3,22 +3,27 @@
     python crash_at.py DIR before-first-commit   # history appended, first manifest never written
                                                  # (DIR/.bestsave/<run>/bestsave.json)
     python crash_at.py DIR after-commit          # epoch 2's manifest written, nothing renamed yet
+    python crash_at.py DIR replacing-a-folder    # epoch 1's last (a folder) renamed over epoch
+                                                 # 0's, which is moved aside, not yet deleted
 
 DIR may be a URL (``s3://bucket/run``); a third argument gives its fsspec options as JSON. The
 run monitors ``val_loss`` over the scores 0.5, 0.4, 0.3 (each a new best) with
-``save_last=True``; each checkpoint holds the text ``epoch N``.
+``save_last=True``; each checkpoint holds the text ``epoch N`` (in the file ``weights`` of a
+folder, for ``replacing-a-folder``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
 import bestsave.store
 from bestsave import BestSaver
 from bestsave.layout import MANIFEST
+from bestsave.store import TMP_PREFIX
 
 SCORES = [0.5, 0.4, 0.3]
 
@@ -40,6 +45,22 @@ def main(dirpath: str, point: str, storage_options: dict[str, Any]) -> None:
 
         store.write_text = dying_write_text  # type: ignore[method-assign]
         store.rename = dying_rename  # type: ignore[method-assign]
+    rmtree = shutil.rmtree
+
+    def dying_rmtree(path: str, *args: Any, **kwargs: Any) -> None:
+        if point == "replacing-a-folder" and os.path.basename(path).startswith(TMP_PREFIX):
+            os._exit(9)
+        rmtree(path, *args, **kwargs)
+
+    bestsave.store.shutil.rmtree = dying_rmtree  # type: ignore[assignment]
+
+    def write(path: str, e: int) -> None:
+        if point == "replacing-a-folder":
+            os.mkdir(path)
+            path = os.path.join(path, "weights")
+        with open(path, "w") as f:
+            f.write(f"epoch {e}")
+
     saver = BestSaver(
         dirpath,
         monitor="val_loss",
@@ -50,7 +71,7 @@ def main(dirpath: str, point: str, storage_options: dict[str, Any]) -> None:
     )
     for e, score in enumerate(SCORES):
         epoch["now"] = e
-        saver.step(e, {"val_loss": score}, write=lambda p, e=e: open(p, "w").write(f"epoch {e}"))
+        saver.step(e, {"val_loss": score}, write=lambda p, e=e: write(p, e))
     sys.exit("the crash point was never reached")
 
 

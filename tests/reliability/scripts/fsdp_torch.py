@@ -5,12 +5,17 @@ with ``TorchCheckpointer`` as ``torch.distributed.checkpoint`` folders.
         python fsdp_torch.py DIR OUT [--epochs N] [--resume] [--fail-at EPOCH --fail-rank R]
                                      [--storage-options JSON]
 
-Every rank trains the same model on the same batches and judges the same ``val_loss`` (from
-``SCORES``). Rank 0 writes ``OUT/weights-<epoch>.pt`` (the full weights after that epoch) and
-every rank ``OUT/rank<r>.json``: the decisions, the epoch restored from, the error that ended it,
-whether ``load_best`` put the best epoch's weights back, and its host name. DIR may be a URL
-(``s3://...``, with ``--storage-options`` for fsspec). ``--fail-at`` makes rank R's writes
-fail from that epoch's save on (files over 1 KiB exceed its file size limit, ``EFBIG``).
+Every rank trains the same model on the same batches and judges the same ``val_loss``
+(:func:`score`: ``SCORES``, then a slow fall). Rank 0 writes ``OUT/weights-<epoch>.pt`` (the full
+weights after that epoch, before its save) and every rank ``OUT/rank<r>.json``: the decisions,
+the epoch restored from, the error that ended it, whether ``load_best`` put the best epoch's
+weights back, and its host name. DIR may be a URL (``s3://...``, with ``--storage-options`` for
+fsspec). A resumed run also loads the best it resumes with into a fresh model first (the
+previous run's best, on a new process group). ``--fail-at`` makes rank R's writes fail from that
+epoch's save on (files over 1 KiB exceed its file size limit, ``EFBIG``).
+
+The kill tests fork ranks from a server that imported this module (:func:`run_in_child`); they
+learn the run's progress as it goes (``ready``, ``stepped`` after each evaluation, ``done``).
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import signal
 import socket
 import sys
+import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -33,6 +41,17 @@ from torch.distributed.fsdp import fully_shard
 from bestsave.adapters.torch import TorchCheckpointer
 
 SCORES = [0.5, 0.4, 0.45, 0.3, 0.35, 0.2, 0.33, 0.25]
+
+Progress = Callable[..., None]
+"""Called as ``progress(event, epoch, **facts)``."""
+
+
+def score(epoch: int) -> float:
+    """The scripted val_loss of ``epoch``: ``SCORES``, then a slow fall with noise, so that the
+    best and the top 2 keep changing over a longer run."""
+    if epoch < len(SCORES):
+        return SCORES[epoch]
+    return round(0.3 * 0.93 ** (epoch - len(SCORES)) + random.Random(epoch).uniform(0, 0.1), 4)
 
 
 def make_model(mesh: Any) -> torch.nn.Module:
@@ -62,7 +81,20 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch:
         optimizer.step()
 
 
-def main() -> None:
+def save_weights(weights: dict[str, torch.Tensor], out: str, epoch: int) -> None:
+    """``OUT/weights-<epoch>.pt``, whole or not at all (the kill tests kill mid-run)."""
+    path = os.path.join(out, f"weights-{epoch}.pt")
+    torch.save(weights, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def main(
+    argv: list[str] | None = None,
+    progress: Progress = lambda event, epoch, **facts: None,
+    wait_go: Callable[[], None] = lambda: None,
+) -> None:
+    """Train, reporting ``ready`` (after restoring; then waiting for ``wait_go``), ``stepped``
+    after each evaluation (rank 0) and ``done``; exits 1 when an error ended the run."""
     parser = argparse.ArgumentParser()
     parser.add_argument("dir")
     parser.add_argument("out")
@@ -71,8 +103,9 @@ def main() -> None:
     parser.add_argument("--fail-at", type=int, default=None)
     parser.add_argument("--fail-rank", type=int, default=0)
     parser.add_argument("--storage-options", type=json.loads, default={})
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
@@ -84,30 +117,38 @@ def main() -> None:
     ckpt = TorchCheckpointer(args.dir, monitor="val_loss", top_k=2, save_last=True,
                              resume=args.resume, storage_options=args.storage_options)  # fmt: skip
     start = report["restored"] = ckpt.restore(model, optimizer)
-    if args.resume:
+    if args.resume and start > 0:
         restored = full_weights(model)  # a collective: every rank
-        saved = torch.load(os.path.join(args.out, f"weights-{start - 1}.pt"))
-        report["restored_weights_match"] = _same(restored, saved)
+        report["restored_weights_match"] = _same(restored, _saved(args.out, start - 1))
+        previous = make_model(mesh)
+        best = ckpt.load_best(previous)
+        report["resumed_best"] = best.epoch
+        report["resumed_best_weights_match"] = _same(
+            full_weights(previous), _saved(args.out, best.epoch)
+        )
+    progress("ready", start, **report)
+    wait_go()
     try:
         for epoch in range(start, args.epochs):
             train_epoch(model, optimizer, epoch)
             weights = full_weights(model)  # a collective: every rank
             if rank == 0:
-                torch.save(weights, os.path.join(args.out, f"weights-{epoch}.pt"))
+                save_weights(weights, args.out, epoch)
             if args.fail_at == epoch and rank == args.fail_rank:
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
                 resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
-            d = ckpt.step(epoch, {"val_loss": SCORES[epoch]}, model=model, optimizer=optimizer)
+            d = ckpt.step(epoch, {"val_loss": score(epoch)}, model=model, optimizer=optimizer)
             report["decisions"].append({"epoch": epoch, "saved": d.saved, "is_best": d.is_best})
+            if rank == 0:
+                progress("stepped", epoch)
             if args.fail_at is not None:
                 ckpt.saver.flush()  # the failure surfaces at this epoch on every rank
         ckpt.close()
         best = ckpt.load_best(make_model(mesh))
         fresh = make_model(mesh)
         ckpt.load_best(fresh)
-        expected = torch.load(os.path.join(args.out, f"weights-{best.epoch}.pt"))
         report["best"] = best.epoch
-        report["best_weights_match"] = _same(full_weights(fresh), expected)
+        report["best_weights_match"] = _same(full_weights(fresh), _saved(args.out, best.epoch))
     except Exception as e:
         report["error"] = f"{type(e).__name__}: {e}"
     finally:
@@ -115,7 +156,28 @@ def main() -> None:
         with open(path, "w") as f:
             json.dump(report, f)
     dist.destroy_process_group()
+    progress("done", args.epochs - 1, **report)
     sys.exit(1 if report["error"] else 0)
+
+
+def run_in_child(conn: Any, rank: int, world: int, port: int, argv: list[str]) -> None:
+    """Entry point of a rank forked by the kill tests: progress goes through ``conn`` (an
+    exception's traceback too), and the run waits after ``ready`` until the test says go."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+
+    def progress(event: str, epoch: int, **facts: Any) -> None:
+        conn.send((event, epoch, facts))
+
+    try:
+        main(argv, progress, conn.recv)
+    except Exception:  # the test shows what ended the rank
+        progress("error", -1, traceback=traceback.format_exc())
+        raise
+
+
+def _saved(out: str, epoch: int) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(out, f"weights-{epoch}.pt"))  # type: ignore[no-any-return]
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
