@@ -10,6 +10,7 @@ run ends as an uninterrupted one.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ if not torch.distributed.is_available():
 
 from bestsave import load_best, load_manifest
 from bestsave.adapters.torch import TorchCheckpointer
+from bestsave.cli import main
 from bestsave.verify import verify
 
 from .conftest import SCRIPTS, leftovers, run_ranks
@@ -88,6 +90,26 @@ def test_export_makes_one_torch_file_of_the_sharded_best(sharded_run, tmp_path):
     state = torch.load(out, weights_only=True)
     assert same(state["model"], weights(tmp / "out", 5))
     assert set(state) >= {"model", "optimizer"}
+
+
+def test_the_command_line_lists_shows_and_verifies_a_sharded_run(sharded_run, capsys):
+    tmp, _, _ = sharded_run
+    run = str(tmp / "run")
+    assert main(["ls", run, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [row["epoch"] for row in listed["checkpoints"]] == [5, 7, 7]  # and last
+    assert main(["show", f"{run}/epoch=005-val_loss=0.2000.pth", "--json"]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["parts"]) == SHARDS
+    assert main(["verify", run]) == 0
+    capsys.readouterr()
+    part = tmp / "run" / "epoch=007-val_loss=0.2500.pth" / "__1_0.distcp"
+    original = part.read_bytes()
+    try:
+        part.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        assert main(["verify", run]) == 1
+        assert "__1_0.distcp" in capsys.readouterr().out
+    finally:
+        part.write_bytes(original)
 
 
 def test_a_resumed_run_keeps_what_an_uninterrupted_one_keeps(sharded_run, tmp_path):
