@@ -68,6 +68,7 @@ from bestsave.naming import sanitize
 from bestsave.options import monitor_names
 from bestsave.pipeline import Writer
 from bestsave.staging import Snapshot, Stager
+from bestsave.store import Parts
 
 __all__ = ["BestCheckpoint", "MonitorNotLoggedError"]
 
@@ -441,14 +442,15 @@ class BestCheckpoint(ModelCheckpoint):
                 meta = checkpoint if trainer.is_global_zero else None
                 return self._staging.snapshot({"shards": shards, "meta": meta})
 
-        def write(snapshot: Snapshot, where: str) -> None:
+        def write(snapshot: Snapshot, where: str) -> Parts | None:
             meta = snapshot.state["meta"]
             if meta is not None:
                 # Before the shards: the collective save ends after this, so every rank's
                 # listing of the folder for its checksums sees the file.
                 os.makedirs(where, exist_ok=True)
                 torch.save(meta, os.path.join(where, _METADATA_FILENAME))
-            save_shards(snapshot.state["shards"], where, group, {})  # a local path
+            # The shards' checksums, taken as they were written; meta.pt is hashed at commit.
+            return save_shards(snapshot.state["shards"], where, group, {})  # a local path
 
         return Sharded(capture, write, group)
 

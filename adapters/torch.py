@@ -19,22 +19,24 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from bestsave import BestSaver, Decision, Record, Sharded, Staged, fetch, load_manifest
+from bestsave.hashing import HashedFolder
 from bestsave.layout import runs_in
 from bestsave.messages import warn
 from bestsave.staging import Stager
-from bestsave.store import open_store, tmp_name
+from bestsave.store import Parts, open_store, tmp_name
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -106,16 +108,24 @@ def _sharded_state(
 
 def save_shards(
     state: dict[str, Any], where: str, group: ShardGroup, storage_options: dict[str, Any]
-) -> None:
-    """Write this process's shards of ``state`` into the folder ``where`` (a path or URL)."""
+) -> Parts | None:
+    """Write this process's shards of ``state`` into the folder ``where`` (a path or URL).
+    Returns the size and sha256 of each file this process wrote into a local folder, hashed as
+    it was written (around the page cache where the filesystem allows, each file durable once
+    closed); None for a remote one."""
     import torch.distributed.checkpoint as dcp
 
+    folder: HashedFolder | None = None
     if "://" in where:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
         writer: Any = FsspecWriter(where, **storage_options)
     else:
-        writer = dcp.FileSystemWriter(where)
+        folder = HashedFolder(where)
+        # Every file is made durable as it closes, after its last block: DCP's own fsync would
+        # come before the last block of a file written around the page cache.
+        writer = dcp.FileSystemWriter(where, sync_files=False)
+        writer.fs = _hashing_filesystem(folder)
     try:
         dcp.save(state, storage_writer=writer, process_group=group.pg)
     except dcp.api.CheckpointException as e:  # every process's tracebacks: say what failed here
@@ -123,6 +133,28 @@ def save_shards(
         mine = causes.get(group.rank)
         others = ", ".join(str(rank) for rank in sorted(causes))
         raise (mine or RuntimeError(f"the write failed on rank {others}")) from None
+    return folder.parts() if folder is not None else None
+
+
+def _hashing_filesystem(folder: HashedFolder) -> Any:
+    """DCP's local filesystem, with every file it writes hashed as it is written by ``folder``."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class HashingFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+            if mode != "wb":
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with folder.create(path) as f:
+                yield f
+
+        def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
+            super().rename(path, new_path)
+            folder.renamed(path, new_path)
+
+    return HashingFileSystem()
 
 
 class ShardGroup:

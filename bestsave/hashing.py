@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -19,7 +20,7 @@ import math
 import mmap
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
@@ -65,7 +66,8 @@ class HashingFile(io.RawIOBase):
     the file is closed (a snapshot's buffers). A large block inside it is queued for helper
     threads to hash and write, and ``write`` returns at once: ``torch.save`` computes the next
     tensor's CRC-32 meanwhile instead of waiting. ``interrupt`` is called before each block, a
-    queued one too, and may raise to give the file up.
+    queued one too, and may raise to give the file up. With ``sync``, :meth:`close` makes the
+    file durable (fsync) once its last block is written.
 
     >>> import tempfile, os
     >>> from bestsave.store import file_digest
@@ -84,8 +86,10 @@ class HashingFile(io.RawIOBase):
         direct: bool = True,
         stable: Sequence[tuple[int, int]] = (),
         interrupt: Callable[[], None] | None = None,
+        sync: bool = False,
     ) -> None:
         self.name = os.fspath(path)
+        self._sync = sync
         self._fd = _open_direct(self.name) if direct else None
         self._file = None if self._fd is not None else open(self.name, "wb")  # noqa: SIM115
         self._buffer = _ALIGNED.take() if self._fd is not None else None
@@ -108,6 +112,10 @@ class HashingFile(io.RawIOBase):
 
     def writable(self) -> bool:
         return True
+
+    def tell(self) -> int:
+        """Bytes written so far (the file is written front to back, never sought)."""
+        return self._size
 
     def write(self, b: Any) -> int:
         if self._interrupt is not None:
@@ -248,6 +256,8 @@ class HashingFile(io.RawIOBase):
                     # The tail goes out padded to a whole block, then the file is cut to size.
                     self._drain(-(-self._filled // _BLOCK) * _BLOCK)
                     os.ftruncate(self._fd, self._size)
+                if self._sync:
+                    self._fsync()
         finally:
             if self._queued:  # after a failure or a discard, helpers may still use the file
                 concurrent.futures.wait(self._queued)
@@ -262,9 +272,63 @@ class HashingFile(io.RawIOBase):
             self._writer.shutdown()
             super().close()
 
+    def _fsync(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        elif self._fd is not None:
+            os.fsync(self._fd)
+
     def digest(self) -> tuple[int, str]:
         """Size in bytes and sha256 of everything written, as :func:`file_digest` gives them."""
         return self._size, self._sha.hexdigest()
+
+
+class HashedFolder:
+    """The files written into the folder ``root``, each through a :class:`HashingFile` (around
+    the page cache, hashed as it is written, durable once closed), so that a checkpoint whose
+    parts several processes write need not be read back to be checksummed.
+
+    >>> import tempfile, os
+    >>> from bestsave.store import folder_parts
+    >>> root = tempfile.mkdtemp()
+    >>> folder = HashedFolder(root)
+    >>> with folder.create(os.path.join(root, "part.tmp")) as f:
+    ...     _ = f.write(b"abc")
+    >>> os.rename(os.path.join(root, "part.tmp"), os.path.join(root, "part"))
+    >>> folder.renamed(os.path.join(root, "part.tmp"), os.path.join(root, "part"))
+    >>> folder.parts() == folder_parts(root)
+    True
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(root)
+        self._parts: dict[str, tuple[int, str]] = {}
+        self._lock = threading.Lock()
+
+    def _name(self, path: str | os.PathLike[str]) -> str:
+        return os.path.relpath(os.path.abspath(path), self.root).replace(os.sep, "/")
+
+    @contextlib.contextmanager
+    def create(self, path: str | os.PathLike[str]) -> Iterator[HashingFile]:
+        """A new file at ``path`` (inside the folder), open for writing; its size and sha256
+        are noted when it closes without an error."""
+        with HashingFile(path, sync=True) as f:
+            yield f
+        with self._lock:
+            self._parts[self._name(path)] = f.digest()
+
+    def renamed(self, src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        """Note that the file written at ``src`` is now at ``dst``."""
+        with self._lock:
+            digest = self._parts.pop(self._name(src), None)
+            if digest is not None:
+                self._parts[self._name(dst)] = digest
+
+    def parts(self) -> dict[str, tuple[int, str]]:
+        """Size and sha256 of each file written, by ``/``-separated path inside the folder."""
+        with self._lock:
+            return dict(self._parts)
 
 
 class _PyBuffer(ctypes.Structure):

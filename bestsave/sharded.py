@@ -9,12 +9,14 @@ processes' threads:
 1. the processes agree that every one of them captured its shards, and on the folder (the
    writing process's temporary name);
 2. each writes its shards there (a collective write such as ``torch.distributed.checkpoint``);
-3. each hashes a share of the folder's files, and all learn every file's checksum and whether
+3. each hashes the files it wrote (as it writes them, when the write says what it wrote; else
+   by reading back a share of the folder's files), and all learn those checksums and whether
    any process failed.
 
 Only then does the writing process (global rank 0) commit the manifest that lists the folder:
-the two-phase commit. A process that fails at any step makes the checkpoint fail on every
-process, the previous best intact. The core knows nothing of torch: the adapter hands it a
+the two-phase commit; it hashes any file no process has (none, when the write hashes what it
+writes). A process that fails at any step makes the checkpoint fail on every process, the
+previous best intact. The core knows nothing of torch: the adapter hands it a
 :class:`Group` for the exchanges and the function that writes the shards.
 """
 
@@ -51,7 +53,10 @@ class Sharded:
     shards into host memory; ``write(snapshot, where)`` runs in the background, on every
     process at once, and writes them into the folder ``where`` (a path, or a URL for a remote
     directory) with collectives over ``group``: ``torch.distributed.checkpoint.save`` of a
-    state dict whose tensors are ``DTensor`` shards is one.
+    state dict whose tensors are ``DTensor`` shards is one. A write that hashed the files it
+    wrote (:class:`bestsave.hashing.HashedFolder`) returns their :data:`Parts`, by path inside
+    the folder, so that nothing is read back; one that returns anything else has the folder's
+    files read back and hashed, a share on each process.
     """
 
     capture: Callable[[], Any]
@@ -84,7 +89,20 @@ class ShardedFile:
         if self._error is not None:
             raise self._error
         self._owned = False  # the committer's from here
+        self._complete()
         return self.where
+
+    def _complete(self) -> None:
+        """Hash the folder's files that no process hashed, and check that every file a process
+        hashed is there."""
+        files = set(files_below(self._store, self.name))
+        gone = sorted(set(self.parts) - files)
+        if gone:
+            raise ShardWriteError(f"written parts of {self.name} are missing: {', '.join(gone)}")
+        missing = sorted(files - set(self.parts))
+        if missing:
+            self.parts.update({p: self._store.digest(f"{self.name}/{p}") for p in missing})
+            self.digest = tree_digest(self.parts)
 
     @property
     def where(self) -> str:
@@ -219,15 +237,16 @@ class ShardWriter:
             return _failure("capturing", failed, entry.error), {}
         content.name = agreed[0][1]  # the writing process's name for the folder
         error: BaseException | None = None
+        written: Any = None
         try:
             assert entry.write is not None
-            entry.write(entry.snapshot, content.where)
+            written = entry.write(entry.snapshot, content.where)
         except BaseException as e:  # DCP raises BaseException; the others must hear of it
             error = e
         mine: Parts = {}
         if error is None:
             try:
-                mine = self._hash_share(entry.content)
+                mine = dict(written) if isinstance(written, dict) else self._hash_share(content)
             except Exception as e:
                 error = e
         outcomes = group.all_gather((describe(error), mine))

@@ -6,7 +6,9 @@ epochs on a few samples, with a scripted metric that improves at epochs 0, 1, 2,
 bestsave's, each configuration ``--repeats`` times in a fresh process (Lightning also with DDP,
 two processes on the CPU), and prints for each framework the blocking and total overhead per
 save, their ratios to the framework's own and to the limit (a copy of the state into host memory
-allocated beforehand), and the peak extra memory.
+allocated beforehand), and the peak extra memory. The FSDP2 workload (``fsdp``) trains a model
+sharded over two processes with Adam (201 MB of model and optimiser state in all) and compares
+bestsave with ``dcp.save`` and ``dcp.async_save``.
 
     python tests/benchmarks/run.py                                  # the full benchmark
     python tests/benchmarks/run.py --mb 40 --epochs 6 --repeats 1   # small, for CI
@@ -36,11 +38,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from summary import FRAMEWORKS, markdown
+from summary import ASYNC, FRAMEWORKS, OWN_LIMIT, markdown
 from workloads import improves
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = ("none", "theirs", "ours")
+ASYNC_CONFIGS = ("none", "theirs", "theirs_async", "ours")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=6, help="square layers in the model (6)")
     p.add_argument("--width", type=int, default=4096, help="width of each layer (4096)")
     p.add_argument("--mb", type=float, help="state size in MB; sets --width for --layers")
+    p.add_argument("--fsdp-layers", type=int, default=4, help="layers of the FSDP2 model (4)")
+    p.add_argument(
+        "--fsdp-width",
+        type=int,
+        default=2048,
+        help="width of the FSDP2 model's layers (2048: 201 MB of model and Adam state)",
+    )
     p.add_argument("--epochs", type=int, default=12, help="epochs per fit (12)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each configuration (3)")
     p.add_argument("--samples", type=int, default=16, help="training samples (16)")
@@ -71,10 +81,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown framework(s) {unknown}: choose from {', '.join(FRAMEWORKS)}")
     args.frameworks = frameworks
-    for name in ("layers", "width", "epochs", "repeats", "samples", "batch"):
+    for name in (
+        "layers",
+        "width",
+        "fsdp_layers",
+        "fsdp_width",
+        "epochs",
+        "repeats",
+        "samples",
+        "batch",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     return args
+
+
+def configs_of(framework: str) -> tuple[str, ...]:
+    return ASYNC_CONFIGS if framework in ASYNC else CONFIGS
 
 
 def child_env() -> dict[str, str]:
@@ -185,7 +208,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {f: {} for f in args.frameworks}
     errors: dict[str, str] = {}
     limits: list[dict[str, Any]] = []
-    total = args.repeats * (1 + 3 * len(args.frameworks))
+    total = args.repeats * (1 + sum(len(configs_of(f)) + (f in OWN_LIMIT) for f in args.frameworks))
     done = 0
 
     def progress(what: str, text: str) -> None:
@@ -202,13 +225,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         progress(f"limit #{repeat + 1}", f"{result['copy_s']:.3f} s" if result else error)
         # Each repeat runs the configurations in another order, so that none always follows
         # the same neighbour (dirty pages, caches, the other jobs on a shared machine).
-        order = CONFIGS[repeat % 3 :] + CONFIGS[: repeat % 3]
         for framework in args.frameworks:
+            configs = configs_of(framework)
+            order = configs[repeat % len(configs) :] + configs[: repeat % len(configs)]
+            if framework in OWN_LIMIT:
+                order = ("limit", *order)
             for config in order:
                 if framework in errors:
                     progress(f"{framework} {config} #{repeat + 1}", "skipped")
                     continue
                 spec = {**base, "framework": framework, "config": config}
+                if framework == "fsdp":
+                    spec.update(layers=args.fsdp_layers, width=args.fsdp_width)
                 spec["dir"] = tempfile.mkdtemp(prefix="bestsave-bench-", dir=tmpdir)
                 result, error = run_child(spec, args.timeout)
                 if result is None:
@@ -221,9 +249,29 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     progress(f"{framework} {config} #{repeat + 1}", errors[framework])
                     continue
                 results[framework].setdefault(config, []).append(result)
-                progress(f"{framework} {config} #{repeat + 1}", f"fit {result['fit_s']:.2f} s")
+                done_text = (
+                    f"copy {result['copy_s']:.3f} s" if config == "limit"
+                    else f"fit {result['fit_s']:.2f} s"
+                )  # fmt: skip
+                progress(f"{framework} {config} #{repeat + 1}", done_text)
 
     params = args.layers * (args.width**2 + args.width)
+    fsdp_params = args.fsdp_layers * (args.fsdp_width**2 + args.fsdp_width)
+    fsdp = (
+        [
+            "",
+            f"FSDP2 workload: two processes on the CPU (gloo), each with half the cores, train "
+            f"{args.fsdp_layers} x Linear({args.fsdp_width}, {args.fsdp_width}) = "
+            f"{fsdp_params / 1e6:.1f}M float32 parameters sharded over both with Adam "
+            f"({fsdp_params * 12 / 1e6:.0f} MB of model and optimiser state in all, half on each "
+            f"process) and save model and optimiser at the same epochs: `dcp.save` into one "
+            f"folder; `dcp.async_save` over a gloo group of its own, each save waiting for the "
+            f"previous one as its documentation advises; `TorchCheckpointer` (the best only). "
+            f"Timings are the first process's; a fit ends when both processes are done.",
+        ]
+        if "fsdp" in args.frameworks
+        else []
+    )
     header = [
         f"Machine: {machine(tmpdir)}.",
         "",
@@ -235,6 +283,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         f"fresh process; figures are medians. Load average {load_start} at the start and "
         f"{load()} at the end ({(time.time() - started) / 60:.0f} min)"
         + ("; other jobs shared the cores." if _busy(load_start) else "."),
+        *fsdp,
     ]
     return {
         "args": vars(args),

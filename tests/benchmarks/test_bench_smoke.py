@@ -13,7 +13,22 @@ from pathlib import Path
 import pytest
 
 RUN = Path(__file__).parent / "run.py"
-TINY = ["--layers", "2", "--width", "16", "--epochs", "3", "--samples", "4", "--batch", "2"]
+TINY = [
+    "--layers",
+    "2",
+    "--width",
+    "16",
+    "--fsdp-layers",
+    "2",
+    "--fsdp-width",
+    "16",
+    "--epochs",
+    "3",
+    "--samples",
+    "4",
+    "--batch",
+    "2",
+]
 
 
 def bench(tmp_path: Path, frameworks: str) -> tuple[str, dict]:
@@ -52,3 +67,18 @@ def test_every_framework_benchmark_prints_its_rows(tmp_path: Path) -> None:
         assert callback in table
     assert table.count("| no checkpoint callback |") == 5
     assert "| Lightning DDP, 2 processes | no checkpoint callback |" in table
+
+
+def test_fsdp_benchmark_compares_dcp_save_and_async_save(tmp_path: Path) -> None:
+    table, raw = bench(tmp_path, "fsdp")
+    assert raw["errors"] == {}
+    assert "| FSDP2, 2 processes | no checkpoint callback |" in table
+    for callback in ("`dcp.save`", "`dcp.async_save`", "`TorchCheckpointer`"):
+        assert f"| | {callback} |" in table
+    assert "| limit, FSDP2, 2 processes | each process copies its shards" in table
+    assert "total <= `dcp.async_save`" in table
+    assert "FSDP2 workload: two processes" in table
+    runs = raw["results"]["fsdp"]
+    assert sorted(runs) == ["limit", "none", "ours", "theirs", "theirs_async"]
+    assert [len(r["epochs"]) for r in runs["ours"]] == [3]
+    assert runs["limit"][0]["state_mb"] > 0

@@ -1,8 +1,10 @@
 """One benchmark configuration, run in a fresh process: ``python workloads.py '<spec as JSON>'``.
 
-The spec names a framework (``torch``, ``lightning``, ``keras``, ``fastai``, or ``limit``), a
-configuration (``none``: no checkpoint callback; ``theirs``: the framework's own; ``ours``:
-bestsave's, with the same settings), the model size, the epochs and where to write. The
+The spec names a framework (``torch``, ``lightning``, ``keras``, ``fastai``, ``fsdp``, or
+``limit``), a configuration (``none``: no checkpoint callback; ``theirs``: the framework's own;
+``theirs_async``: its asynchronous one, for ``fsdp`` ``dcp.async_save``; ``ours``: bestsave's,
+with the same settings; ``limit``, for ``fsdp``: the copy of each process's shards), the model
+size, the epochs and where to write. ``fsdp`` runs on two processes, which this one starts. The
 result, a JSON object, goes to ``spec["result"]``:
 
 - ``fit_s``: wall time of the fit call, including the final wait for pending writes;
@@ -384,6 +386,183 @@ def fit_fastai(spec: dict[str, Any], clock: EpochClock) -> None:
         clock.end_fit()
 
 
+# -- FSDP2 on two processes: bestsave against dcp.save and dcp.async_save ---------------------
+
+
+def fsdp_ranks(spec: dict[str, Any]) -> None:
+    """Run the FSDP2 configuration ``spec`` on two processes (gloo on the CPU), each with its
+    share of the cores; rank 0 writes the result. A failed rank fails the run."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = str(max(1, (cores or 1) // FSDP_WORLD))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, __file__, json.dumps(spec)],
+            env={**os.environ, **rank_env(rank), "MASTER_PORT": port, "OMP_NUM_THREADS": threads},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(FSDP_WORLD)
+    ]
+    errors = [p.communicate()[1] for p in processes]
+    for rank, (p, error) in enumerate(zip(processes, errors)):
+        if p.returncode != 0:
+            sys.stderr.write(error)
+            raise SystemExit(f"rank {rank} failed (exit code {p.returncode})")
+
+
+FSDP_WORLD = 2
+
+
+def rank_env(rank: int) -> dict[str, str]:
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(FSDP_WORLD),
+        "MASTER_ADDR": "127.0.0.1",
+    }
+
+
+def fsdp_model(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """This rank's FSDP2 model (every ``Linear`` sharded over the two processes), its Adam
+    optimiser and the batches it trains on."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (FSDP_WORLD,))
+    model = torch_model(spec["layers"], spec["width"])
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.Adam(model.parameters(), lr=LR), data(spec)
+
+
+def fsdp_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """Model and optimiser state as DCP saves it: ``DTensor`` shards, keyed by name."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, [optimizer])
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def fit_fsdp(spec: dict[str, Any], clock: EpochClock) -> None:
+    """A hand-written FSDP2 loop that saves model and optimiser when the metric improves:
+    with ``dcp.save`` (``theirs``), ``dcp.async_save`` over a gloo group of its own, waiting
+    for the previous save before the next as its documentation advises (``theirs_async``), or
+    ``TorchCheckpointer`` (``ours``)."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from bestsave.adapters.torch import TorchCheckpointer
+
+    config, batch = spec["config"], spec["batch"]
+    model, optimizer, (x, y) = fsdp_model(spec)
+    path = os.path.join(spec["dir"], "best")
+    os.makedirs(spec["dir"], exist_ok=True)
+    ckpt = None
+    if config == "ours":
+        ckpt = TorchCheckpointer(spec["dir"], monitor=MONITOR, mode="min", trackers=())
+    group = dist.new_group(backend="gloo") if config == "theirs_async" else None
+    pending: Any = None
+    best = math.inf
+    dist.barrier()
+
+    clock.begin_fit()
+    for epoch in range(spec["epochs"]):
+        clock.start()
+        for i in range(0, len(x), batch):
+            loss = torch.nn.functional.mse_loss(model(x[i : i + batch]), y[i : i + batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        clock.trained()
+        score = scripted_loss(epoch)
+        if ckpt is not None:
+            ckpt.step(epoch, {MONITOR: score}, model=model, optimizer=optimizer)
+        elif config.startswith("theirs") and score < best:
+            best = score
+            if config == "theirs":
+                dcp.save(fsdp_state(model, optimizer), checkpoint_id=path)
+            else:
+                if pending is not None:
+                    pending.result()
+                pending = dcp.async_save(
+                    fsdp_state(model, optimizer), checkpoint_id=path, process_group=group
+                )
+    clock.stop()
+    if ckpt is not None:
+        ckpt.close()  # the wait for pending writes counts
+    if pending is not None:
+        pending.result()
+    dist.barrier()  # the fit ends when every rank's saves are done
+    clock.end_fit()
+
+
+def fsdp_limit(spec: dict[str, Any]) -> dict[str, Any]:
+    """Seconds for each rank to copy its shards of model and Adam state into host tensors
+    allocated (and touched) beforehand, both ranks at once: the median over ``spec["times"]``
+    tries of the slower rank. Also the state's size, over both ranks."""
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    model, optimizer, (x, y) = fsdp_model(spec)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    optimizer.step()  # Adam's state exists from the first step on
+    local = [
+        v.to_local() if hasattr(v, "to_local") else v for v in _leaves(fsdp_state(model, optimizer))
+    ]
+    dst = [torch.empty_like(v).copy_(v) for v in local]
+    times = []
+    for _ in range(spec.get("times", 5)):
+        dist.barrier()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for d, v in zip(dst, local):
+                d.copy_(v)
+        elapsed = torch.tensor([time.perf_counter() - t0])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(float(elapsed))
+    size = torch.tensor([float(sum(v.numel() * v.element_size() for v in local))])
+    dist.all_reduce(size)
+    return {"copy_s": statistics.median(times), "state_mb": float(size) / 1e6}
+
+
+def _leaves(obj: Any) -> list[Any]:
+    """The tensors in nested dicts and lists."""
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _leaves(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _leaves(v)]
+    return [obj] if hasattr(obj, "numel") else []
+
+
+def run_fsdp(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dist.init_process_group("gloo")
+    try:
+        if spec["config"] == "limit":
+            return fsdp_limit(spec)
+        clock = EpochClock()
+        fit_fsdp(spec, clock)
+        return result_of(spec, clock)
+    finally:
+        dist.destroy_process_group()
+
+
 # -- the limit: a copy into host memory allocated beforehand ------------------------------------
 
 
@@ -446,20 +625,29 @@ FITS: dict[str, Callable[[dict[str, Any], EpochClock], None]] = {
 }
 
 
+def result_of(spec: dict[str, Any], clock: EpochClock) -> dict[str, Any]:
+    return {
+        "fit_s": clock.fit_s,
+        "cpu_s": clock.cpu_s,
+        "epochs": clock.epochs,
+        "saves": [e for e in range(spec["epochs"]) if improves(e)],
+        "hwm_mb": clock.hwm_mb,
+    }
+
+
 def run(spec: dict[str, Any]) -> None:
     """Run the configuration ``spec`` describes and write its result to ``spec["result"]``."""
+    if spec["framework"] == "fsdp" and "RANK" not in os.environ:
+        fsdp_ranks(spec)  # rank 0 writes the result
+        return
     if spec["framework"] == "limit":
         result = measure_limit(spec)
+    elif spec["framework"] == "fsdp":
+        result = run_fsdp(spec)
     else:
         clock = EpochClock()
         FITS[spec["framework"]](spec, clock)
-        result = {
-            "fit_s": clock.fit_s,
-            "cpu_s": clock.cpu_s,
-            "epochs": clock.epochs,
-            "saves": [e for e in range(spec["epochs"]) if improves(e)],
-            "hwm_mb": clock.hwm_mb,
-        }
+        result = result_of(spec, clock)
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return  # a DDP worker: the first process reports
     with open(spec["result"], "w") as f:
