@@ -1,4 +1,4 @@
-"""The ``bestsave`` command: look at a run, check it, plot it, average it.
+"""The ``bestsave`` command: look at a run, check it, plot it, average it, export it.
 
 Usage::
 
@@ -82,13 +82,14 @@ def _error(message: str, code: int) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bestsave",
-        description="Look at, check, plot and average the checkpoints bestsave kept.",
+        description="Look at, check, plot, average and export the checkpoints bestsave kept.",
         epilog="Run 'bestsave COMMAND -h' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_views(commands)
     _add_tools(commands)
+    _add_export(commands)
     return parser
 
 
@@ -200,6 +201,15 @@ def _add_tools(commands: Any) -> None:
         help="average the N best only (default: every checkpoint kept for its score)",
     )
 
+    compare = _command(commands, "compare", _compare, "Show the best of several runs side by side.")
+    compare.add_argument("dir", nargs="+", help="the runs' directories")
+    _run_option(compare)
+    _metric_option(compare, "show as a column")
+    compare.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_export(commands: Any) -> None:
+    """The command that turns a kept checkpoint into one ordinary file."""
     export = _command(
         commands,
         "export",
@@ -214,12 +224,6 @@ def _add_tools(commands: Any) -> None:
     )
     _run_option(export)
     export.add_argument("--file", help="a kept checkpoint's file name (default: the best)")
-
-    compare = _command(commands, "compare", _compare, "Show the best of several runs side by side.")
-    compare.add_argument("dir", nargs="+", help="the runs' directories")
-    _run_option(compare)
-    _metric_option(compare, "show as a column")
-    compare.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _positive_int(text: str) -> int:
