@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -162,9 +163,20 @@ class ShardGroup:
     background writes never share a collective stream with training."""
 
     def __init__(self) -> None:
-        self.pg = torch.distributed.new_group(backend="gloo")
+        self.pg: Any = torch.distributed.new_group(backend="gloo")
         self.rank = torch.distributed.get_rank()
         self.size = torch.distributed.get_world_size()
+        atexit.register(self._free)
+
+    def _free(self) -> None:
+        """Free the group before the interpreter shuts down: a gloo group still alive then
+        (kept by this object after ``destroy_process_group()``) is destroyed while the
+        interpreter tears down, and aborts the process ("terminate called without an active
+        exception")."""
+        pg, self.pg = self.pg, None
+        if pg is not None and torch.distributed.is_initialized():
+            with contextlib.suppress(Exception):  # already destroyed with all the others
+                torch.distributed.destroy_process_group(pg)
 
     def all_gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.size
