@@ -157,7 +157,11 @@ def main(
             json.dump(report, f)
     dist.destroy_process_group()
     progress("done", args.epochs - 1, **report)
-    sys.exit(1 if report["error"] else 0)
+    # Leave without the interpreter's shutdown: gloo's threads can still hold tensors then, and
+    # freeing them there aborts the process (pytorch/pytorch#179291), after all is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if report["error"] else 0)
 
 
 def run_in_child(conn: Any, rank: int, world: int, port: int, argv: list[str]) -> None:

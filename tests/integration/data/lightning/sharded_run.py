@@ -191,3 +191,8 @@ if __name__ == "__main__":
         fail(sys.argv[1], sys.argv[2], everywhere=sys.argv[3] == "fail_all")
     else:
         main(sys.argv[1], sys.argv[2])
+        # Without the interpreter's shutdown, where gloo's threads can abort the process
+        # (pytorch/pytorch#179291), once everything is written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
