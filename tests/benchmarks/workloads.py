@@ -151,6 +151,18 @@ LR = 1e-4
 # -- plain PyTorch ------------------------------------------------------------------------------
 
 
+def train_epoch(model: Any, optimizer: Any, x: Any, y: Any, batch: int) -> Any:
+    """One epoch over ``x`` in batches; the last batch's loss."""
+    import torch
+
+    for i in range(0, len(x), batch):
+        loss = torch.nn.functional.mse_loss(model(x[i : i + batch]), y[i : i + batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
 def fit_torch(spec: dict[str, Any], clock: EpochClock) -> None:
     import torch
 
@@ -172,11 +184,7 @@ def fit_torch(spec: dict[str, Any], clock: EpochClock) -> None:
     clock.begin_fit()
     for epoch in range(spec["epochs"]):
         clock.start()
-        for i in range(0, len(x), batch):
-            loss = torch.nn.functional.mse_loss(model(x[i : i + batch]), y[i : i + batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        loss = train_epoch(model, optimizer, x, y, batch)
         clock.trained()
         score = scripted_loss(epoch)
         if ckpt is not None:
@@ -457,7 +465,6 @@ def fit_fsdp(spec: dict[str, Any], clock: EpochClock) -> None:
     with ``dcp.save`` (``theirs``), ``dcp.async_save`` over a gloo group of its own, waiting
     for the previous save before the next as its documentation advises (``theirs_async``), or
     ``TorchCheckpointer`` (``ours``)."""
-    import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -478,11 +485,7 @@ def fit_fsdp(spec: dict[str, Any], clock: EpochClock) -> None:
     clock.begin_fit()
     for epoch in range(spec["epochs"]):
         clock.start()
-        for i in range(0, len(x), batch):
-            loss = torch.nn.functional.mse_loss(model(x[i : i + batch]), y[i : i + batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        train_epoch(model, optimizer, x, y, batch)
         clock.trained()
         score = scripted_loss(epoch)
         if ckpt is not None:

@@ -27,7 +27,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from lightning_scripted import ScriptedModel
+from lightning_scripted import ScriptedModel, trainer_for
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from bestsave.adapters.lightning import BestCheckpoint
@@ -116,17 +116,13 @@ class Weights(L.Callback):
 
 
 def trainer(kind: str, out: str, run: str, max_epochs: int, *callbacks: L.Callback) -> L.Trainer:
-    return L.Trainer(
+    return trainer_for(
+        os.path.join(out, run),
+        *callbacks,
+        max_epochs=max_epochs,
         strategy=strategy(kind),
         accelerator="cpu",
         devices=2,
-        max_epochs=max_epochs,
-        callbacks=list(callbacks),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=os.path.join(out, run),
     )
 
 
