@@ -96,7 +96,7 @@ class BackgroundWriter:
             return error
 
     def _loop(self) -> None:
-        _yield_to_training()
+        yield_to_training()
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending is not None or self._closed)
@@ -123,7 +123,7 @@ class BackgroundWriter:
                     self._cond.notify_all()
 
 
-def _yield_to_training() -> None:
+def yield_to_training() -> None:
     """Run the calling thread (and the helpers it starts) only on cores training leaves idle.
 
     Training comes first: the writer's serialising and hashing must not slow the steps it runs

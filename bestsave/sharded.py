@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bestsave.background import yield_to_training
 from bestsave.store import Parts, Store, files_below, tree_digest
 
 MAX_QUEUED = 2
@@ -197,6 +198,7 @@ class ShardWriter:
             return error
 
     def _loop(self) -> None:
+        yield_to_training()
         me = threading.current_thread()
         while True:
             with self._cond:
