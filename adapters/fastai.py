@@ -207,7 +207,7 @@ class SaveBestModelCallback(Callback):
     def _init_state(self) -> None:
         """State that is not pickled with the learner (``learn.export()``)."""
         self._saver: BestSaver | None = None
-        self._stager = Stager()
+        self._stager = Stager(self.options.staging_memory)
         self._wandb: list[Any] = []  # WandbCallbacks whose upload this callback does
         self._latest: Record | None = None
         self._frames: list[_Frame] = []

@@ -246,7 +246,6 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             self.filepath, save_weights_only
         )
         self.save_weights_only: bool = self._extension == _WEIGHTS
-        self._stager = Stager()
         self._layout: _WeightsLayout | None = None
         if "batch" in _fields(self._template) and save_freq == "epoch":
             raise ValueError(
@@ -287,6 +286,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             **options,
         )
         """bestsave's options (:class:`bestsave.SaverOptions`)."""
+        self._stager = Stager(self.options.staging_memory)
         self.saver: BestSaver | None = None
         self._current_epoch = 0
         self._batches_seen_since_last_saving = 0

@@ -244,7 +244,7 @@ class BestCheckpoint(ModelCheckpoint):
         that is pickled before training has none)."""
         stager: Stager | None = self.__dict__.get("_stager")
         if stager is None:
-            stager = self._stager = Stager()
+            stager = self._stager = Stager(self.options.staging_memory)
         return stager
 
     @property

@@ -262,7 +262,7 @@ class TorchCheckpointer:
         self._storage_options = dict(storage_options or {})
         self._resume = resume
         self._objects: dict[str, Any] = {}
-        self._stager = Stager()
+        self._stager = Stager(self.saver.options.staging_memory)
         self._epoch = -1
         self._step: int | None = None
         self._previous_handler: Any = None

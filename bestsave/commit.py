@@ -68,6 +68,8 @@ class Committer:
         self.digests: dict[str, tuple[int, str]] = {}
         self.parts: dict[str, Parts] = {}
         """The parts of each new file that is a folder."""
+        self.staging: dict[str, str] = {}
+        """How each new file was staged in host memory."""
         self.lost: set[str] = set()
         """Files decided on but never written (a failed write): later manifests leave them
         out."""
@@ -85,7 +87,8 @@ class Committer:
         if digest is None or record.sha256:
             return record
         parts = self.parts.get(record.name, {})
-        return replace(record, bytes=digest[0], sha256=digest[1], parts=parts)
+        staging = self.staging.get(record.name, "")
+        return replace(record, bytes=digest[0], sha256=digest[1], parts=parts, staging=staging)
 
     def run(self, job: Job) -> tuple[list[Record], list[Record]]:
         """Make ``job`` durable; returns the records of the files it wrote and of those it
@@ -184,6 +187,7 @@ class Committer:
             store.delete(name)
             self.digests.pop(name, None)
             self.parts.pop(name, None)
+            self.staging.pop(name, None)
         store.sync()
         store.sync(self.files.folder)
         return error
@@ -222,11 +226,13 @@ class Committer:
                             raise FileNotFoundError(f"write() was given {local} but wrote no file")
                         digest, parts = path_digest(local)
                     self.digests[name], self.parts[name] = digest, parts
+                    self.staging[name] = content.staging
                     store.publish(local, current.tmp)
                 else:
                     twin = current.same_as or ""
                     store.link(pending[twin], current.tmp)
                     self.digests[name], self.parts[name] = self.digests[twin], self.parts[twin]
+                    self.staging[name] = self.staging[twin]
                 pending[name] = current.tmp
         except BaseException:
             if current is not None:  # the file being written when it failed, half there

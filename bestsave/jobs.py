@@ -7,6 +7,7 @@ written when the job runs, in the background or at once.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 from bestsave.hashing import HashingFile
 from bestsave.history import HistoryLine
 from bestsave.record import Record
+from bestsave.spool import Spool
 from bestsave.staging import Snapshot
 from bestsave.state import RunState
 from bestsave.store import Parts, remove_local
@@ -28,6 +30,9 @@ class Content(Protocol):
     """With ``digest``, for a folder: size and sha256 of each file in it."""
     background: bool
     """The rest of the save may run in the background."""
+    staging: str
+    """How the bytes were staged in host memory (:data:`bestsave.memory.Staging`), or "" for
+    a file its writer wrote."""
 
     def materialize(self, path: str) -> str:
         """Write the checkpoint (to ``path`` if it is not written yet); returns where it is."""
@@ -44,14 +49,22 @@ class Abandoned(Exception):
 
 
 class WrittenFile:
-    """A checkpoint a writer already wrote to a local file."""
+    """A checkpoint a writer already wrote to a local file (with its size and sha256 when they
+    were taken while writing it)."""
 
-    digest: tuple[int, str] | None = None
     parts: Parts = {}  # noqa: RUF012 - read only
 
-    def __init__(self, path: str, background: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        background: bool = False,
+        digest: tuple[int, str] | None = None,
+        staging: str = "",
+    ) -> None:
         self.path: str | None = path
         self.background = background
+        self.digest = digest
+        self.staging = staging
 
     def materialize(self, path: str) -> str:
         written, self.path = self.path, None  # the committer owns the file from here
@@ -74,6 +87,7 @@ class Captured:
         self.serialize = serialize
         self.snapshot = snapshot
         self.stream = stream
+        self.staging: str = snapshot.staging if isinstance(snapshot, Snapshot) else ""
         self.digest: tuple[int, str] | None = None
         self.parts: Parts = {}
         self._abandoned = False
@@ -110,12 +124,58 @@ class Captured:
         self.snapshot = None
 
 
+class Spooled:
+    """A checkpoint too large for host buffers, serialised on the training thread through a
+    :class:`~bestsave.spool.Spool` of ``capacity`` bytes into the local file ``path``: the
+    constructor returns once all but the spool's bytes are written, and :meth:`materialize`
+    waits for the rest."""
+
+    parts: Parts = {}  # noqa: RUF012 - read only
+    background = True
+    staging = "chunked"
+
+    def __init__(
+        self, serialize: Callable[[Any, Any], Any], state: Any, path: str, capacity: int
+    ) -> None:
+        self.path: str | None = path
+        self.digest: tuple[int, str] | None = None
+        self._file = HashingFile(path)
+        self._spool = Spool(self._file, capacity)
+        try:
+            serialize(state, self._spool)
+        except BaseException:
+            cause = self._spool.error
+            self.release()
+            if cause is not None:  # the serialiser's own error only follows from it
+                raise cause from None
+            raise
+
+    def materialize(self, path: str) -> str:
+        self._spool.finish()
+        self._file.close()
+        self.digest = self._file.digest()
+        written, self.path = self.path, None  # the committer owns the file from here
+        assert written is not None
+        return written
+
+    def release(self) -> None:
+        if self.path is None:
+            return
+        with contextlib.suppress(OSError):
+            self._spool.finish()
+        self._file.discard()
+        self._file.close()
+        remove_local(self.path)
+        self.path = None
+
+
 class Lost:
     """Bytes released for a newer snapshot whose capture then failed: never written."""
 
     digest: tuple[int, str] | None = None
     parts: Parts = {}  # noqa: RUF012 - read only
     background = True
+    staging = ""
 
     def __init__(self, error: BaseException) -> None:
         self.error = error

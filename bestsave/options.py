@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypedDict
 
+from bestsave.memory import parse_size
 from bestsave.monitor import Monitor, resolve_mode
 from bestsave.naming import DEFAULT_TEMPLATE, check_template
 from bestsave.policy import Policy, Smooth
@@ -45,6 +46,7 @@ class SharedOptions(TypedDict, total=False):
     resume: bool
     trackers: str | Iterable[Any]
     async_write: bool
+    staging_memory: int | str | None
     on_write_error: Literal["raise", "warn"]
     storage_options: Mapping[str, Any] | None
 
@@ -134,6 +136,14 @@ class SaverOptions:
         async_write: Write snapshots of the state in a background thread: the training loop
             pays only for the copy into host memory. False writes everything before the
             evaluation returns.
+        staging_memory: The host memory the copies of the state for background writes may
+            take: bytes, or a size such as ``"8GB"``. None: half of what the process may still
+            take when training starts (and a quarter of physical memory at most for pinned
+            copies of GPU state). A state that does not fit twice is written through one copy,
+            then in chunks, then straight from training's tensors (see the README's "Bounded
+            memory"); the record says which (``Record.staging``). The adapters give it to the
+            :class:`~bestsave.staging.Stager` that copies the state; with a ``Staged`` writer
+            of your own, make its Stager with it.
         on_write_error: ``"raise"`` stops training with the write's error; ``"warn"`` warns
             and trains on. Either way the previous best stays intact.
         storage_options: Passed to fsspec for a remote directory (``s3://bucket/run``).
@@ -160,6 +170,7 @@ class SaverOptions:
     version_names: bool = True
     trackers: str | Iterable[Any] = "auto"
     async_write: bool = True
+    staging_memory: int | str | None = None
     on_write_error: Literal["raise", "warn"] = "raise"
     storage_options: Mapping[str, Any] | None = field(default=None, compare=False)
 
@@ -187,6 +198,7 @@ class SaverOptions:
                 raise ValueError(f"{flag} must be True or False, not {getattr(self, flag)!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite cannot both be set: continue, or start afresh")
+        parse_size(self.staging_memory)
         check_template(self.filename)
         check_template(self.last_name)
         self.policy(Monitor("score", "max", self.min_delta))  # the rules' own checks

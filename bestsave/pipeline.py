@@ -16,14 +16,14 @@ from typing import Any
 
 from bestsave.background import BackgroundWriter
 from bestsave.commit import Committer
-from bestsave.jobs import Captured, Content, Job, NewFile, WrittenFile
+from bestsave.jobs import Captured, Content, Job, NewFile, Spooled, WrittenFile
 from bestsave.layout import RunFiles
 from bestsave.messages import warn
 from bestsave.record import Record
 from bestsave.sharded import Sharded, ShardWriteError, ShardWriter, describe
 from bestsave.staging import Snapshot
 from bestsave.state import RunState
-from bestsave.store import Store
+from bestsave.store import Store, remove_local
 
 Writer = Callable[[str], Any]
 """Writes a checkpoint to the local path it is given."""
@@ -167,7 +167,10 @@ class WritePipeline:
 
     def _content(self, write: AnyWriter, tmp: str) -> Content:
         if isinstance(write, Staged):
-            return Captured(write.serialize, write.capture(), write.stream)
+            snapshot = write.capture()
+            if isinstance(snapshot, Snapshot) and snapshot.live:
+                return self._write_live(write, snapshot, tmp)
+            return Captured(write.serialize, snapshot, write.stream)
         if isinstance(write, Sharded):
             if self.keep_going:
                 raise ValueError(
@@ -185,6 +188,20 @@ class WritePipeline:
             raise
         return WrittenFile(local, background=isinstance(write, WriteNow))
 
+    def _write_live(self, write: Staged, snapshot: Snapshot, tmp: str) -> Content:
+        """A snapshot of training's own tensors, too large for host buffers: written before
+        training goes on, all but a spool's worth (chunked) or all of it (streaming)."""
+        local = self.store.scratch(tmp)
+        if snapshot.staging == "chunked" and write.stream:
+            return Spooled(write.serialize, snapshot, local, snapshot.spool)
+        now = Captured(write.serialize, snapshot, write.stream)
+        try:
+            now.materialize(local)
+        except BaseException:
+            remove_local(local)
+            raise
+        return WrittenFile(local, background=True, digest=now.digest, staging="streaming")
+
     def submit(self, job: Job) -> None:
         """Commit ``job``: in the background, or at once (after any job in the background,
         keeping the order). Raises what an earlier background job raised, or this job's error
@@ -199,6 +216,9 @@ class WritePipeline:
         self.raise_error(self.take_error())
         if self._worker is None:
             self._worker = BackgroundWriter(self.run, keep_going=self.keep_going)
+        for f in job.files:  # with the writer now: a later snapshot may wait for their buffers
+            if isinstance(f.content, Captured) and isinstance(f.content.snapshot, Snapshot):
+                f.content.snapshot.hand_over()
         self._worker.submit(job)
 
     def run(self, job: Job) -> None:

@@ -53,6 +53,10 @@ class Record:
     """For a checkpoint that is a folder (a sharded checkpoint): size and sha256 of each file
     in it, by path inside it; ``bytes`` and ``sha256`` then describe the whole
     (:func:`bestsave.store.tree_digest`). Empty for a file."""
+    staging: str = ""
+    """How it was written from host memory, within ``staging_memory``: ``"two sets"``, ``"one
+    set"``, ``"chunked"`` or ``"streaming"`` (:mod:`bestsave.memory`); empty when the writer
+    wrote the file itself, or for a run written before budgets were."""
 
     @property
     def ranked(self) -> bool:
@@ -76,8 +80,9 @@ class Record:
         """The record as stored: ``path`` is the file name alone."""
         data = asdict(self)
         data["path"] = self.name
-        if not self.parts:  # a file's record reads as it did before folders were kept
-            del data["parts"]
+        for name in ("parts", "staging"):  # as written before folders and budgets were
+            if not data[name]:
+                del data[name]
         return data
 
     @classmethod

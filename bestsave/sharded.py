@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bestsave.background import yield_to_training
+from bestsave.staging import Snapshot
 from bestsave.store import Parts, Store, files_below, tree_digest
 
 MAX_QUEUED = 2
@@ -76,6 +77,7 @@ class ShardedFile:
     background = True
 
     def __init__(self, store: Store, name: str, owned: bool) -> None:
+        self.staging = ""
         self.name = name
         """The folder's temporary name in the store; the writing process's, once agreed."""
         self.digest: tuple[int, str] | None = None
@@ -85,8 +87,12 @@ class ShardedFile:
         self._error: BaseException | None = None
         self._dropped = False
 
-    def materialize(self, path: str) -> str:
+    def wait(self) -> None:
+        """Until every process has written its shards, or one failed."""
         self._done.wait()
+
+    def materialize(self, path: str) -> str:
+        self.wait()
         if self._error is not None:
             raise self._error
         self._owned = False  # the committer's from here
@@ -171,6 +177,14 @@ class ShardWriter:
             self._queue_entry(_Entry(content, None, None, e))
             raise
         self._queue_entry(_Entry(content, writer.write, snapshot, None))
+        if isinstance(snapshot, Snapshot):
+            snapshot.hand_over()
+            if snapshot.live:
+                # Training's own tensors, too large for host buffers: written before it goes on.
+                content.staging = "streaming"
+                content.wait()
+            else:
+                content.staging = snapshot.staging
         return content
 
     def _queue_entry(self, entry: _Entry) -> None:

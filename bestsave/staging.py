@@ -4,7 +4,9 @@ A background write must not read tensors that training keeps changing, so the tr
 copies them first. A fresh ``clone()`` pays for page faults on every save; a copy into memory
 allocated beforehand costs only memory bandwidth. Two buffer sets alternate so a snapshot never
 overwrites the one a write in flight is still reading: the first snapshot allocates one set,
-and a helper thread allocates and touches the second while training goes on.
+and a helper thread allocates and touches the second while training goes on. The buffers stay
+within a memory budget; a state too large for two sets steps down to one, then to writing from
+the live state (:mod:`bestsave.memory`).
 
 Tensors may be torch tensors (of a ``DTensor`` or a ``ShardedTensor``, each process copies its
 own shards) or numpy arrays (Keras hands over the latter on backends other than torch); neither
@@ -16,68 +18,113 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
+
+from bestsave.memory import LIVE, Budget, Staging, parse_size
+from bestsave.messages import warn
 
 
 class Stager:
-    """Copies nested state (dicts, lists, tuples of tensors and plain values) into host buffers.
+    """Copies nested state (dicts, lists, tuples of tensors and plain values) into host buffers,
+    within a memory budget (``staging_memory``: bytes, a size such as ``"8GB"``, or None for
+    half the memory available at the first snapshot; see :mod:`bestsave.memory`).
 
     >>> import torch
     >>> stager = Stager()
     >>> w = torch.ones(3)
     >>> snap = stager.snapshot({"model": {"w": w}, "epoch": 2})
     >>> _ = w.add_(1)
-    >>> snap.state["model"]["w"].tolist(), snap.state["epoch"]
-    ([1.0, 1.0, 1.0], 2)
+    >>> snap.state["model"]["w"].tolist(), snap.state["epoch"], snap.staging
+    ([1.0, 1.0, 1.0], 2, 'two sets')
     >>> snap.release()
+
+    A state that does not fit in the budget is not copied: the snapshot holds the live state
+    (``snap.live``), to be written before training goes on.
+
+    >>> Stager(staging_memory=8).snapshot({"w": w}).staging
+    'streaming'
     """
 
-    def __init__(self, slots: int = 2) -> None:
-        self._slots: list[dict[tuple[Any, ...], Any]] = [{} for _ in range(slots)]
-        self._busy = [threading.Event() for _ in range(slots)]
-        self._taken = [0] * slots  # snapshots taken into each slot so far
-        self._lock = threading.Lock()
+    def __init__(self, staging_memory: int | str | None = None) -> None:
+        parse_size(staging_memory)  # a bad value fails now, not at the first save
+        self._staging_memory = staging_memory
+        self._budget: Budget | None = None
+        self._slots: list[dict[tuple[Any, ...], Any]] = [{}, {}]
+        self._busy = [False, False]
+        self._handed = [False, False]  # the busy slot's snapshot is with a writer
+        self._taken = [0, 0]  # snapshots taken into each slot so far
+        self._cond = threading.Condition()
         self._warming: threading.Thread | None = None
+        self._told: set[str] = set()
+
+    @property
+    def budget(self) -> Budget:
+        """The memory the buffers may take, fixed when training starts (the first
+        :meth:`reserve` or :meth:`snapshot`)."""
+        if self._budget is None:
+            self._budget = Budget.of(self._staging_memory)
+        return self._budget
 
     def snapshot(self, state: Any) -> Snapshot:
-        """A copy of ``state`` whose tensors live in this stager's host buffers.
+        """A copy of ``state`` whose tensors live in this stager's host buffers, or, when it
+        does not fit in the budget, ``state`` itself (``live``).
 
         The buffers stay reserved until :meth:`Snapshot.release` (the saver calls it once the
-        snapshot is written or dropped).
+        snapshot is written or dropped). With room for one copy only, a snapshot waits for the
+        write of the one before it, once that was handed to a writer
+        (:meth:`Snapshot.hand_over`).
         """
         if self._warming is not None:
             self._warming.join()
             self._warming = None
-        slot = self._take_slot()
-        self._busy[slot].set()
-        self._taken[slot] += 1
+        like: dict[tuple[Any, ...], Any] = {}
+        _tensors(state, (), like)
+        size = sum(int(t.nbytes) for t in like.values())
+        pinned = any(getattr(t, "is_cuda", False) for t in like.values())
+        step = self.budget.step(size, pinned)
+        slot = None if step in LIVE else self._take_slot(self.budget.sets(size, pinned))
+        if slot is None and step not in LIVE:
+            step = "streaming"  # this save's own snapshots hold every buffer
+        if step != "two sets" and step not in self._told:
+            self._told.add(step)
+            warn(self.budget.describe(step, size, pinned))
+        if slot is None:
+            room = self.budget.room(pinned)
+            return Snapshot(state, _nothing, _never, staging=step, live=True, spool=room)
         taken = self._taken[slot]
         sync = _Sync()
         try:
             value = self._copy(state, (), self._slots[slot], sync)
             sync.wait()
         except BaseException:
-            self._busy[slot].clear()
+            self._release(slot)
             raise
-        if sync.allocated or not all(self._slots):
+        if step == "two sets" and (sync.allocated or not all(self._slots[:2])):
             self._warm_spare(slot)
         return Snapshot(
             value,
-            self._busy[slot].clear,
+            partial(self._release, slot),
             lambda: self._taken[slot] == taken,
             lambda: [_span(b) for b in self._slots[slot].values()],
+            staging=step,
+            hand_over=partial(self._hand_over, slot),
         )
 
     def reserve(self, state: Any) -> None:
         """Allocate buffers for ``state``'s tensors, laid out as :meth:`snapshot` would copy
         them, in a helper thread with pages touched, so that even the first snapshot is a copy
         only. Nothing is copied; call it when training starts, with the tensors (or a part of
-        them) the snapshots will hold. Does nothing once buffers exist.
+        them) the snapshots will hold. Does nothing once buffers exist, or when the tensors do
+        not fit in the budget.
         """
         if self._warming is not None or any(self._slots):
             return
         like: dict[tuple[Any, ...], Any] = {}
         _tensors(state, (), like)
+        size = sum(int(t.nbytes) for t in like.values())
+        if self.budget.step(size, any(getattr(t, "is_cuda", False) for t in like.values())) in LIVE:
+            return
         self._warming = _helper(self._slots[0], like)
         self._warming.start()
 
@@ -85,27 +132,48 @@ class Stager:
         """Give another slot buffers like ``slot``'s, in a helper thread, pages touched, so the
         next snapshot costs a copy only. The next :meth:`snapshot` waits for it."""
         layout = dict(self._slots[slot])
-        with self._lock:
+        with self._cond:
             # Never a slot a write is reading: its buffers (and their list) must stay as they are.
-            free = (i for i in range(len(self._slots)) if i != slot and not self._busy[i].is_set())
+            free = (i for i in range(2) if i != slot and not self._busy[i])
             spare = next(free, None)
         if spare is None:
             return
         self._warming = _helper(self._slots[spare], layout)
         self._warming.start()
 
-    def _take_slot(self) -> int:
-        with self._lock:
-            free = [i for i, busy in enumerate(self._busy) if not busy.is_set()]
-            # A free slot that already holds buffers costs no allocation; a second set is
-            # allocated only while the first is being written.
-            for slot in sorted(free, key=lambda i: not self._slots[i]):
-                return slot
-            # Every slot is being written: a fresh one (freed with the snapshot) keeps going.
-            self._slots.append({})
-            self._busy.append(threading.Event())
-            self._taken.append(0)
-            return len(self._slots) - 1
+    def _take_slot(self, sets: int) -> int | None:
+        """A free slot among the first ``sets`` (allocated as needed), once one is free: a
+        write in flight frees one. None when the snapshots holding them are not with a writer
+        yet (this save's own), and so would never be freed while it waits."""
+        with self._cond:
+            while len(self._slots) < sets and all(self._busy):
+                self._slots.append({})
+                self._busy.append(False)
+                self._handed.append(False)
+                self._taken.append(0)
+            for i in range(sets, len(self._slots)):
+                if not self._busy[i]:  # a state grown past the budget: free what it cannot use
+                    self._slots[i] = {}
+            while True:
+                free = [i for i in range(min(sets, len(self._slots))) if not self._busy[i]]
+                if free:
+                    # A free slot that already holds buffers costs no allocation.
+                    slot = min(free, key=lambda i: not self._slots[i])
+                    self._busy[slot] = True
+                    self._taken[slot] += 1
+                    return slot
+                if not any(h for b, h in zip(self._busy, self._handed, strict=True) if b):
+                    return None
+                self._cond.wait()
+
+    def _hand_over(self, slot: int) -> None:
+        with self._cond:
+            self._handed[slot] = True
+
+    def _release(self, slot: int) -> None:
+        with self._cond:
+            self._busy[slot] = self._handed[slot] = False
+            self._cond.notify_all()
 
     def _copy(
         self, obj: Any, path: tuple[Any, ...], buffers: dict[tuple[Any, ...], Any], sync: _Sync
@@ -182,8 +250,21 @@ class Snapshot:
         release: Callable[[], None],
         intact: Callable[[], bool],
         spans: Callable[[], list[tuple[int, int]]] = list,
+        *,
+        staging: Staging = "two sets",
+        live: bool = False,
+        hand_over: Callable[[], None] = lambda: None,
+        spool: int = 0,
     ) -> None:
         self.state = state
+        self.staging = staging
+        """How this snapshot is written (:data:`bestsave.memory.Staging`)."""
+        self.live = live
+        """``state`` is training's own, not a copy: write it before training goes on."""
+        self.hand_over = hand_over
+        """Called when a writer takes the snapshot: a later snapshot may then wait for it."""
+        self.spool = spool
+        """For a chunked write: the bytes of it that may wait in memory."""
         self._release: Callable[[], None] | None = release
         self._intact = intact
         self._spans = spans
@@ -204,6 +285,14 @@ class Snapshot:
         """``(address, size)`` of the host buffers that hold this snapshot's tensors; they stay
         unchanged until :meth:`release`."""
         return self._spans()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _never() -> bool:
+    return False
 
 
 def _span(buffer: Any) -> tuple[int, int]:
