@@ -90,8 +90,9 @@ class Stager:
             self._told.add(step)
             warn(self.budget.describe(step, size, pinned))
         if slot is None:
+            live = self._copy(state, (), None, _Sync())  # detached, as copies are
             room = self.budget.room(pinned)
-            return Snapshot(state, _nothing, _never, staging=step, live=True, spool=room)
+            return Snapshot(live, _nothing, _never, staging=step, live=True, spool=room)
         taken = self._taken[slot]
         sync = _Sync()
         try:
@@ -176,12 +177,18 @@ class Stager:
             self._cond.notify_all()
 
     def _copy(
-        self, obj: Any, path: tuple[Any, ...], buffers: dict[tuple[Any, ...], Any], sync: _Sync
+        self,
+        obj: Any,
+        path: tuple[Any, ...],
+        buffers: dict[tuple[Any, ...], Any] | None,
+        sync: _Sync,
     ) -> Any:
         torch, np = sys.modules.get("torch"), sys.modules.get("numpy")
         if torch is not None and isinstance(obj, torch.Tensor):
             return self._copy_tensor(obj, path, buffers, sync)
         if np is not None and isinstance(obj, np.ndarray):
+            if buffers is None:
+                return obj
             buf = buffers.get(path)
             if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
                 buf = buffers[path] = np.empty(obj.shape, obj.dtype)
@@ -204,7 +211,11 @@ class Stager:
         return obj
 
     def _copy_tensor(
-        self, t: Any, path: tuple[Any, ...], buffers: dict[tuple[Any, ...], Any], sync: _Sync
+        self,
+        t: Any,
+        path: tuple[Any, ...],
+        buffers: dict[tuple[Any, ...], Any] | None,
+        sync: _Sync,
     ) -> Any:
         import torch
 
@@ -227,6 +238,8 @@ class Stager:
             return sharded._init_from_local_shards_and_global_metadata(
                 shards, t.metadata(), process_group=t._process_group
             )
+        if buffers is None:  # no room for a copy: training's own tensor, without autograd
+            return t.detach()
         if t.layout != torch.strided:
             return t.detach().to("cpu", copy=True)
         buf = buffers.get(path)

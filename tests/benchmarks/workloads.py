@@ -177,7 +177,12 @@ def fit_torch(spec: dict[str, Any], clock: EpochClock) -> None:
     ckpt = None
     if config == "ours":
         ckpt = TorchCheckpointer(
-            spec["dir"], monitor=MONITOR, mode="min", save_weights_only=True, trackers=()
+            spec["dir"],
+            monitor=MONITOR,
+            mode="min",
+            save_weights_only=True,
+            trackers=(),
+            staging_memory=spec.get("staging_memory"),  # set by budget.py
         )
     best = math.inf
 

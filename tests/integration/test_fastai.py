@@ -910,3 +910,15 @@ def test_mode_of_errors_fastai_would_maximise_is_min():
     # fastai maximises a name without "loss" or "error": its rmse metric, say.
     assert SaveModelCallback(monitor="rmse").comp is np.greater
     assert SaveBestModelCallback(monitor="rmse").comp is np.less
+
+
+@pytest.mark.parametrize("budget, step", [(1, "streaming"), (None, "two sets")])
+def test_staging_memory_bounds_the_copies_and_the_record_says_how(tmp_path, budget, step):
+    scores = [0.3, 0.5, 0.4, 0.6, 0.55]
+    save = SaveBestModelCallback(monitor="score", with_opt=True, staging_memory=budget)
+    log = WeightLog()
+    fit(regression_learner(tmp_path, metrics=[Scripted(scores)]), len(scores), cbs=[save, log])
+
+    best = save.best_record
+    assert (best.epoch, best.staging) == (3, step)
+    assert same(torch.load(fetch(best), weights_only=True)["model"], log.weights[3])

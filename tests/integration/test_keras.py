@@ -836,3 +836,15 @@ def test_on_other_backends(backend):
         timeout=600,
     )
     assert run.returncode == 0, f"on {backend}:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("budget, step", [(1, "streaming"), (None, "two sets")])
+def test_staging_memory_bounds_the_copies_and_the_record_says_how(tmp_path, budget, step):
+    model, script = make_model(), Script([0.5, 0.7, 0.6, 0.8, 0.75])
+    checkpoint = BestModelCheckpoint(tmp_path / "best.weights.h5", monitor="val_auc",
+                                     save_best_only=True, staging_memory=budget)  # fmt: skip
+    fit(model, [script, checkpoint], epochs=5)
+
+    best = load_best(tmp_path)
+    assert (best.epoch, best.staging) == (3, step)
+    assert_same_weights(load_weights(best.path), script.weights[3])

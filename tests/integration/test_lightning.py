@@ -616,3 +616,15 @@ def test_manual_optimisation_saves_the_weights_from_before_the_step(tmp_path):
         state = torch.load(record.path, weights_only=True)["state_dict"]
         before = model.saved_models[record.step - 1]  # one epoch: the batch of that step
         assert torch.equal(state["layer.weight"], before["weight"])
+
+
+@pytest.mark.parametrize("budget, step", [(1, "streaming"), (None, "two sets")])
+def test_staging_memory_bounds_the_copies_and_the_record_says_how(tmp_path, budget, step):
+    checkpoint = BestCheckpoint(monitor="val_score", mode="max", save_last=True,
+                                staging_memory=budget)  # fmt: skip
+    _, _, weights = fit(tmp_path, [0.2, 0.6, 0.4, 0.5], checkpoint)
+
+    best = checkpoint.best_record
+    assert (best.epoch, best.staging) == (1, step)
+    assert_weights(best.path, weights[1])
+    assert load_manifest(checkpoint.dirpath).last.staging == step

@@ -140,3 +140,27 @@ def test_a_rank_whose_write_fails_fails_the_save_on_every_rank(tmp_path, failing
     assert [r.epoch for r in load_manifest(tmp_path / "run").kept] == [1, 2]
     assert verify(tmp_path / "run") == []
     assert leftovers(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize(
+    "budget, staging",
+    [("[1, 100000]", ["streaming", "streaming"]), ("[100000, 1]", ["two sets", "two sets"]),
+     ("6000", ["one set", "one set"])],
+    ids=["rank 0 streams", "rank 1 streams", "one set each"],
+)  # fmt: skip
+def test_the_staging_budget_is_per_rank_and_every_step_keeps_the_same(tmp_path, budget, staging):
+    # Each rank holds about 4 KB of shards: 1 byte leaves no room for a copy, 6 KB one set.
+    reports, errors = run_ranks("fsdp_torch.py", tmp_path, "--staging-memory", budget)
+    assert [r["returncode"] for r in reports] == [0, 0], errors
+    assert [(r["best"], r["best_weights_match"]) for r in reports] == [(5, True), (5, True)]
+    manifest = load_manifest(tmp_path / "run")
+    assert [r.epoch for r in manifest.kept] == [5, 7]
+    # The record says how rank 0 wrote its shards; each rank keeps to its own budget.
+    assert [r.staging for r in manifest.kept] == staging
+    budgets = json.loads(budget)
+    for rank, report in enumerate(reports):
+        own = budgets[rank] if isinstance(budgets, list) else budgets
+        told = " ".join(report["warnings"])
+        assert ("no copy fits" in told) == (own == 1), (rank, told)
+        assert ("one copy fits" in told) == (own == 6000), (rank, told)
+    assert verify(tmp_path / "run") == []

@@ -3,7 +3,7 @@ with ``TorchCheckpointer`` as ``torch.distributed.checkpoint`` folders.
 
     RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p \\
         python fsdp_torch.py DIR OUT [--epochs N] [--resume] [--fail-at EPOCH --fail-rank R]
-                                     [--storage-options JSON]
+                                     [--storage-options JSON] [--staging-memory SIZE]
 
 Every rank trains the same model on the same batches and judges the same ``val_loss``
 (:func:`score`: ``SCORES``, then a slow fall). Rank 0 writes ``OUT/weights-<epoch>.pt`` (the full
@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -103,6 +104,8 @@ def main(
     parser.add_argument("--fail-at", type=int, default=None)
     parser.add_argument("--fail-rank", type=int, default=0)
     parser.add_argument("--storage-options", type=json.loads, default={})
+    parser.add_argument("--staging-memory", type=json.loads, default=None,
+                        help="per rank: a size, or a list of one per rank")  # fmt: skip
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -114,8 +117,11 @@ def main(
     report: dict[str, Any] = {"decisions": [], "error": None, "host": socket.gethostname()}
     path = os.path.join(args.out, f"rank{rank}.json")
 
+    budget = args.staging_memory
+    budget = budget[rank] if isinstance(budget, list) else budget
     ckpt = TorchCheckpointer(args.dir, monitor="val_loss", top_k=2, save_last=True,
-                             resume=args.resume, storage_options=args.storage_options)  # fmt: skip
+                             resume=args.resume, storage_options=args.storage_options,
+                             staging_memory=budget)  # fmt: skip
     start = report["restored"] = ckpt.restore(model, optimizer)
     if args.resume and start > 0:
         restored = full_weights(model)  # a collective: every rank
@@ -128,6 +134,9 @@ def main(
         )
     progress("ready", start, **report)
     wait_go()
+    said: list[str] = []  # what the run warned of, in its report
+    report["warnings"] = said
+    warnings.showwarning = lambda message, *_: said.append(str(message))
     try:
         for epoch in range(start, args.epochs):
             train_epoch(model, optimizer, epoch)
@@ -148,6 +157,7 @@ def main(
         fresh = make_model(mesh)
         ckpt.load_best(fresh)
         report["best"] = best.epoch
+        report["staging"] = [r.staging for r in ckpt.kept]
         report["best_weights_match"] = _same(full_weights(fresh), _saved(args.out, best.epoch))
     except Exception as e:
         report["error"] = f"{type(e).__name__}: {e}"
