@@ -93,6 +93,7 @@ def bench(session: nox.Session) -> None:
         *session.posargs,
         env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )
+    session.run("python", "tests/benchmarks/budget.py")
     session.run("python", "tests/benchmarks/decisions.py")
 
 

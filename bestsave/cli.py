@@ -43,6 +43,7 @@ from typing import Any
 
 from bestsave.layout import META, runs_in
 from bestsave.manifest import ChecksumError, Manifest, fetch, load_manifest
+from bestsave.memory import format_size
 from bestsave.metrics import MissingMetricError, as_number
 from bestsave.monitor import Monitor, resolve_mode
 from bestsave.record import Record
@@ -297,6 +298,14 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+_STAGED = {
+    "two sets": "copied into host memory (two sets fit)",
+    "one set": "copied into host memory (one set fits)",
+    "chunked": "chunked (no copy fits in staging_memory)",
+    "streaming": "written from the live state (no copy fits in staging_memory)",
+}
+
+
 def _show(args: argparse.Namespace) -> int:
     directory, file, run = args.dir, args.file, args.run
     if file is None and _is_checkpoint(directory):  # ``bestsave show runs/a/epoch=003.pth``
@@ -324,6 +333,7 @@ def _show(args: argparse.Namespace) -> int:
         ("size", _bytes(record.bytes)),
         ("sha256", record.sha256 or "-"),
         ("parts", f"{len(record.parts)} files (a sharded checkpoint)" if record.parts else "-"),
+        ("staged", _STAGED.get(record.staging, "-")),
         ("path", record.path),
     ):
         header.add([key, value])
@@ -707,14 +717,7 @@ def _num(value: Any, digits: int = 4) -> str:
 
 
 def _bytes(size: Any) -> str:
-    if not isinstance(size, int):
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
+    return format_size(size) if isinstance(size, int) else "-"
 
 
 def _parse_time(text: Any) -> datetime | None:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import load, machine, run_child
 from summary import Figures, figures
 
-from bestsave.memory import CHUNK
+from bestsave.memory import CHUNK, format_size
 
 STEPS = {"two sets": 2.1, "one set": 1.5, "chunked": 0.5, "streaming": 0.0025}
 """Each step, and the budget that forces it, in states."""
@@ -35,13 +35,15 @@ STEPS = {"two sets": 2.1, "one set": 1.5, "chunked": 0.5, "streaming": 0.0025}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--mb", type=float, default=403, help="state size in MB (403)")
     p.add_argument("--layers", type=int, default=6, help="square layers in the model (6)")
+    p.add_argument("--width", type=int, default=4096, help="width of each layer (4096)")
+    p.add_argument("--mb", type=float, help="state size in MB; sets --width for --layers")
     p.add_argument("--epochs", type=int, default=12, help="epochs per fit (12)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each configuration (3)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     args = p.parse_args(argv)
-    args.width = max(1, round(math.sqrt(args.mb * 1e6 / 4 / args.layers)))
+    if args.mb is not None:
+        args.width = max(1, round(math.sqrt(args.mb * 1e6 / 4 / args.layers)))
     return args
 
 
@@ -84,14 +86,16 @@ def main(argv: list[str] | None = None) -> int:
         f"allocated beforehand {copy_s:.3f} s; `torch.save` of the state {write_s:.3f} s.\n"
     )
     print(
-        "| configuration | `staging_memory` | fit | blocking per save | total overhead per "
-        "save | peak extra memory | targets |"
+        "| configuration | `staging_memory` | step taken | fit | blocking per save | total "
+        "overhead per save | peak extra memory | targets |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
     for name, config in configs.items():
         f = figures(runs[name], runs["none"])
         budget = config.get("staging_memory")
-        print(f"| {name} | {_mb(budget) if budget else ''} | {f.fit_s:.3f} s | "
+        taken = {r.get("staged") for r in runs[name]} - {None}
+        print(f"| {name} | {format_size(budget) if budget else ''} | {', '.join(sorted(taken))} | "
+              f"{f.fit_s:.3f} s | "
               f"{_s(f, 'blocking_s', name)} | {_s(f, 'total_s', name)} | "
               f"{_mb(f.extra_mb * 1e6) if name != 'none' else ''} | "
               f"{_targets(name, f, budget, copy_s, write_s)} |")  # fmt: skip

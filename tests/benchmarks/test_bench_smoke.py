@@ -82,3 +82,21 @@ def test_fsdp_benchmark_compares_dcp_save_and_async_save(tmp_path: Path) -> None
     assert sorted(runs) == ["limit", "none", "ours", "theirs", "theirs_async"]
     assert [len(r["epochs"]) for r in runs["ours"]] == [3]
     assert runs["limit"][0]["state_mb"] > 0
+
+
+def test_budget_benchmark_prints_a_row_per_step(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(RUN.parent / "budget.py"), "--layers", "2", "--width", "16",
+         "--epochs", "3", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("| none |", "| torch.save |", "| two sets | ", "| one set | ", "| streaming | "):
+        assert row in proc.stdout
+    # A state of 2 KB cannot be chunked (a spool needs 32 MiB): that row streams.
+    cells = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ")]
+    taken = {row[0][2:]: row[2] for row in cells[2:] if row[2]}  # past the header
+    assert taken == {"two sets": "two sets", "one set": "one set", "chunked": "streaming",
+                     "streaming": "streaming"}  # fmt: skip

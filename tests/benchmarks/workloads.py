@@ -202,6 +202,8 @@ def fit_torch(spec: dict[str, Any], clock: EpochClock) -> None:
     if ckpt is not None:
         ckpt.close()  # the wait for pending writes counts
     clock.end_fit()
+    if ckpt is not None and ckpt.best is not None:
+        spec["staged"] = ckpt.best.staging  # how the best was staged, for budget.py
 
 
 # -- Lightning ----------------------------------------------------------------------------------
@@ -640,6 +642,7 @@ def result_of(spec: dict[str, Any], clock: EpochClock) -> dict[str, Any]:
         "epochs": clock.epochs,
         "saves": [e for e in range(spec["epochs"]) if improves(e)],
         "hwm_mb": clock.hwm_mb,
+        "staged": spec.get("staged"),
     }
 
 

@@ -162,6 +162,7 @@ def test_show_prints_the_best_record_in_full(runs, capsys) -> None:
         "train_loss",
         "train_acc",
         "sha256",
+        "copied into host memory (two sets fit)",  # how it was staged
         "framework",
         "torch",
         str(load_manifest(runs / "a").run["id"]),

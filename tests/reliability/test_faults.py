@@ -150,14 +150,20 @@ def failing_save(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return fault
 
 
-@pytest.mark.parametrize("async_write", [True, False], ids=["async", "sync"])
+@pytest.mark.parametrize(
+    "async_write, staging_memory",
+    [(True, None), (False, None), (True, 1)],
+    ids=["async", "sync", "streaming"],  # streaming: no room for a copy, written at once
+)
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
 def test_a_failed_write_stops_training_cleanly_and_keeps_the_best(
-    tmp_path, failing_save, clean_outcome, code, async_write
+    tmp_path, failing_save, clean_outcome, code, async_write, staging_memory
 ):
     failing_save["errno"] = code
     training = Training()
-    ckpt = TorchCheckpointer(tmp_path, **OPTIONS, async_write=async_write)
+    ckpt = TorchCheckpointer(tmp_path, **OPTIONS, async_write=async_write,
+                             staging_memory=staging_memory)  # fmt: skip
+    async_write = async_write and staging_memory is None
     # Caught as what it is, as code written for the stock callbacks catches a full disk.
     with pytest.raises(OSError) as caught:
         training.run_through_fault(ckpt)

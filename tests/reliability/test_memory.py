@@ -5,6 +5,7 @@ sets, one, chunked, streaming) writes the bytes the synchronous path writes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,8 +19,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bestsave import BestSaveWarning, SaverOptions
+from bestsave import BestSaveWarning, SaverOptions, WriteError, load_manifest
 from bestsave.adapters.torch import TorchCheckpointer
+from bestsave.verify import verify
 
 from .conftest import SCRIPTS
 
@@ -150,3 +152,30 @@ def test_a_bad_budget_says_how_to_write_one(tmp_path):
         SaverOptions(monitor="val_loss", staging_memory="lots")
     with pytest.raises(ValueError, match="staging_memory must be"):
         TorchCheckpointer(tmp_path, monitor="val_loss", staging_memory=-1)
+
+
+def test_a_chunked_write_that_fails_keeps_the_best_and_says_why(tmp_path, monkeypatch):
+    # The disk fills while the spool's thread writes the third checkpoint.
+    import bestsave.jobs
+
+    written = {"files": 0}
+
+    class FillingDisk(bestsave.jobs.HashingFile):  # type: ignore[misc, name-defined]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            written["files"] += 1
+            self.full = written["files"] == 3
+
+        def write(self, b: object) -> int:
+            if self.full and self.tell() > 10 << 20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+            return super().write(b)
+
+    monkeypatch.setattr(bestsave.jobs, "HashingFile", FillingDisk)
+    with pytest.raises(OSError) as caught:
+        train(tmp_path, staging_memory="80MB")
+    assert isinstance(caught.value, WriteError) and caught.value.errno == errno.ENOSPC
+    assert "previous best is intact" in str(caught.value)
+    manifest = load_manifest(tmp_path)
+    assert [r.epoch for r in manifest.kept] == [1, 0]  # as committed before the full disk
+    assert verify(tmp_path) == []
