@@ -110,12 +110,14 @@ def train(directory: Path, **options: object) -> TorchCheckpointer:
     ckpt = TorchCheckpointer(directory, monitor="val_loss", top_k=2, save_last=True,
                              trackers=(), **options)  # fmt: skip
     x = torch.randn(8, 1024)
-    for epoch, loss in enumerate(SCORES):
-        model(x).pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        ckpt.step(epoch, {"val_loss": loss}, model=model, optimizer=optimizer)
-    ckpt.close()
+    try:
+        for epoch, loss in enumerate(SCORES):
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            ckpt.step(epoch, {"val_loss": loss}, model=model, optimizer=optimizer)
+    finally:
+        ckpt.close()  # after a failed write, what was written before it is committed
     return ckpt
 
 
