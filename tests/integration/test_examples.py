@@ -291,3 +291,20 @@ def test_fastai_mcc_wandb_keeps_the_3_best_by_mcc(tmp_path, monkeypatch, wandb_c
         assert logged.summary["best_matthews_corrcoef"] == pytest.approx(mcc)
         assert logged.summary["best_epoch"] == best.epoch
         assert "logged by bestsave's tracker" in out
+
+
+# -- Hugging Face Transformers -------------------------------------------------------------------
+
+
+def test_transformers_review_f1_keeps_the_2_best_evaluations(tmp_path):
+    pytest.importorskip("transformers")
+    run = tmp_path / "reviews"
+    out = run_script("transformers_review_f1", tmp_path, "--steps", "60", "--dir", str(run))
+    manifest = load_manifest(run)
+    lines = history(run)
+    assert len(lines) == 6  # an evaluation every 10 steps
+    ranked = sorted(lines, key=lambda line: (-line["metrics"]["eval_f1"], line["step"]))
+    assert [r.step for r in manifest.kept] == [line["step"] for line in ranked[:2]]
+    assert all((run / r.name / "model.safetensors").exists() for r in manifest.kept)
+    assert f"best at step {manifest.best.step}: eval_f1=" in out
+    assert "the model trained on holds its weights: True" in out

@@ -41,6 +41,7 @@ def test_every_framework_has_a_snippet():
         "PyTorch Lightning",
         "fastai",
         "Keras 3",
+        "Hugging Face Transformers",
         "No framework at all",
     }
 
@@ -146,6 +147,33 @@ def test_keras(tmp_path, monkeypatch):
     assert names["checkpoint"].best_record.metrics["val_auc"] == max(
         r.metrics["val_auc"] for r in names["checkpoint"].kept
     )
+
+
+def test_hugging_face_transformers(tmp_path, monkeypatch, capsys):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=16)  # fmt: skip
+    model = transformers.BertForSequenceClassification(config)
+    rows = [{"input_ids": torch.randint(0, 16, (6,)), "labels": i % 2} for i in range(16)]
+    scores = iter([0.5, 0.8, 0.6, 0.7, 0.65])
+    names = run(
+        SNIPPETS["Hugging Face Transformers"],
+        tmp_path,
+        monkeypatch,
+        model=model,
+        train=rows,
+        val=rows,
+        f1=lambda _: {"f1": next(scores)},
+        Trainer=transformers.Trainer,
+        TrainingArguments=lambda *a, **k: transformers.TrainingArguments(
+            *a, report_to=[], disable_tqdm=True, use_cpu=True, **k
+        ),
+    )
+    best = names["best"].best
+    assert (best.epoch, best.metrics["eval_f1"]) == (1, 0.8)
+    assert transformers.AutoModelForSequenceClassification.from_pretrained(best.path)
 
 
 def test_no_framework(tmp_path, monkeypatch):
