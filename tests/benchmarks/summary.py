@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+_TRAINER_SAVES = '`save_strategy="epoch"`, `save_total_limit=1`'
 FRAMEWORKS = {
     # name: (label, their callback, ours, whether bestsave writes in the background there)
     "torch": ("plain PyTorch", "`torch.save` in the loop", "`TorchCheckpointer`", True),
@@ -43,6 +44,7 @@ FRAMEWORKS = {
     "lightning_ddp": ("Lightning DDP, 2 processes", "`ModelCheckpoint`", "`BestCheckpoint`", True),
     "keras": ("Keras 3 (torch backend)", "`ModelCheckpoint`", "`BestModelCheckpoint`", False),
     "fastai": ("fastai", "`SaveModelCallback`", "`SaveBestModelCallback`", True),
+    "transformers": ("Transformers `Trainer`", _TRAINER_SAVES, "`BestSaveCallback`", True),
     "fsdp": ("FSDP2, 2 processes", "`dcp.save`", "`TorchCheckpointer`", True),
 }
 ASYNC = {"fsdp": "`dcp.async_save`"}

@@ -276,6 +276,87 @@ def fit_lightning(spec: dict[str, Any], clock: EpochClock, ddp: bool = False) ->
     clock.end_fit()
 
 
+# -- Hugging Face Transformers ------------------------------------------------------------------
+
+
+def fit_transformers(spec: dict[str, Any], clock: EpochClock) -> None:
+    """The same network as a ``PreTrainedModel`` built from a config, trained by the Trainer
+    with an evaluation at every epoch's end whose ``eval_scripted_loss`` follows the script.
+    ``theirs`` is the Trainer's own way to keep the best: ``save_strategy="epoch"`` (a save at
+    every evaluation), ``save_total_limit=1`` and ``load_best_model_at_end``; ``ours`` is
+    ``BestSaveCallback``."""
+    import contextlib
+    import io
+
+    import torch
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import transformers
+
+    from bestsave.adapters.transformers import BestSaveCallback
+
+    class Config(transformers.PretrainedConfig):  # type: ignore[misc]
+        model_type = "bench-mlp"
+
+        def __init__(self, layers: int = 1, width: int = 1, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.layers, self.width = layers, width
+
+    class Net(transformers.PreTrainedModel):  # type: ignore[misc]
+        config_class = Config
+
+        def __init__(self, config: Config) -> None:
+            super().__init__(config)
+            self.net = torch_model(config.layers, config.width)
+            self.post_init()
+
+        def forward(self, x: Any = None, y: Any = None) -> dict[str, Any]:
+            out = self.net(x)
+            return {"loss": torch.nn.functional.mse_loss(out, y), "logits": out[:, :1]}
+
+    class Timer(transformers.TrainerCallback):  # type: ignore[misc]
+        def on_epoch_begin(self, *args: Any, **kwargs: Any) -> None:
+            clock.start()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            clock.trained()
+
+        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+            clock.stop()  # before BestSaveCallback's flush, which the fit time counts
+
+    epoch = {"done": 0}
+
+    def scripted(_: object) -> dict[str, float]:
+        epoch["done"] += 1
+        return {"scripted_loss": scripted_loss(epoch["done"] - 1)}
+
+    x, y = data(spec)
+    rows = [{"x": x[i], "y": y[i]} for i in range(len(x))]
+    config = spec["config"]
+    saving: dict[str, Any] = {"save_strategy": "no"}
+    if config == "theirs":
+        saving = dict(save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
+                      metric_for_best_model="eval_scripted_loss")  # fmt: skip
+    args = transformers.TrainingArguments(
+        spec["dir"], eval_strategy="epoch", num_train_epochs=spec["epochs"],
+        per_device_train_batch_size=spec["batch"], per_device_eval_batch_size=spec["batch"],
+        learning_rate=LR, optim="sgd", lr_scheduler_type="constant", label_names=["y"],
+        report_to=[], disable_tqdm=True, log_level="error", use_cpu=True,
+        dataloader_pin_memory=False, **saving,
+    )  # fmt: skip
+    callbacks: list[Any] = [Timer()]
+    if config == "ours":
+        callbacks.append(BestSaveCallback(monitor="eval_scripted_loss", trackers=()))
+    trainer = transformers.Trainer(
+        Net(Config(layers=spec["layers"], width=spec["width"])), args, train_dataset=rows,
+        eval_dataset=rows, compute_metrics=scripted, callbacks=callbacks,
+    )  # fmt: skip
+    clock.begin_fit()
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    clock.end_fit()
+
+
 # -- Keras 3 (torch backend) --------------------------------------------------------------------
 
 
@@ -632,6 +713,7 @@ FITS: dict[str, Callable[[dict[str, Any], EpochClock], None]] = {
     "lightning_ddp": lambda spec, clock: fit_lightning(spec, clock, ddp=True),
     "keras": fit_keras,
     "fastai": fit_fastai,
+    "transformers": fit_transformers,
 }
 
 
