@@ -38,6 +38,7 @@ MLflow offers no way to delete a run's artifacts, so evicted checkpoints stay in
 from __future__ import annotations
 
 import math
+import os
 import posixpath
 import re
 import sys
@@ -178,7 +179,9 @@ class MLflowTracker:
         client, run_id = self._target()
         where = f"{self.artifact_path}/{record.name}"
         tags = {"best_epoch": str(record.epoch), "best_checkpoint": where}
-        if is_local(path):
+        if is_local(path) and os.path.isdir(path):  # a folder checkpoint, under its own name
+            client.log_artifacts(run_id, path, where)
+        elif is_local(path):
             client.log_artifact(run_id, path, self.artifact_path)
         else:  # already in durable remote storage: point to it rather than copy it
             tags["best_checkpoint_uri"] = path

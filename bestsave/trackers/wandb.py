@@ -45,6 +45,7 @@ mirror the kept files:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -223,7 +224,9 @@ class WandbTracker:
             description=f"{record.monitor}={record.score} at epoch {record.epoch} ({record.kind})",
             metadata=record_dict(record),
         )
-        if is_local(path):
+        if is_local(path) and os.path.isdir(path):  # a folder checkpoint (shards, a model dir)
+            artifact.add_dir(path, name=record.name)
+        elif is_local(path):
             artifact.add_file(path, name=record.name)
         else:  # already in durable remote storage: point to it rather than upload a copy
             artifact.add_reference(path, name=record.name, checksum=False)

@@ -237,3 +237,43 @@ def test_an_evaluation_after_training_is_not_a_candidate(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         assert trainer.evaluate(data(8))["eval_accuracy"] == 0.99
     assert best.best.step == 8 and len(load_manifest(tmp_path).kept) == 1
+
+
+def test_the_trainers_own_wandb_run_gets_the_best_evaluations_record(wandb_dir, tmp_path):
+    wandb = pytest.importorskip("wandb")
+    from wandb_reader import read_run
+
+    best = BestSaveCallback(monitor="eval_accuracy")  # trackers="auto": the Trainer's W&B run
+    train(tmp_path, SCORES, best, report_to=["wandb"], run_name="bestsave-test")
+    run = wandb.run
+    assert run is not None
+    run.finish()
+
+    logged = read_run(wandb_dir, run.id)
+    versions = logged.artifacts(type="model")
+    assert versions[-1].metadata["step"] == 8 and "best" in versions[-1].aliases
+    folder = Path(best.best.path)
+    assert sorted(versions[-1].files) == sorted(f"{folder.name}/{p.name}" for p in folder.iterdir())
+    assert logged.summary["best_eval_accuracy"] == 0.8
+    assert logged.summary["best_step"] == 8
+
+
+def test_the_trainers_own_mlflow_run_gets_the_best_checkpoint_folder(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "bestsave-test")
+    monkeypatch.chdir(tmp_path)  # the experiment's artifacts go to ./mlruns
+    mlflow.set_tracking_uri(uri)
+    try:
+        best = BestSaveCallback(monitor="eval_accuracy")  # trackers="auto": the Trainer's run
+        train(tmp_path / "out", SCORES, best, report_to=["mlflow"])
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs(client.get_experiment_by_name("bestsave-test").experiment_id)
+    assert run.data.tags["best_checkpoint"].endswith("/checkpoint-8")
+    folder = run.data.tags["best_checkpoint"]
+    logged = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, folder)}
+    assert logged == {p.name for p in Path(best.best.path).iterdir()}
