@@ -132,6 +132,12 @@ class BestSaveCallback(TrainerCallback):
         model: torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
+        if args.deepspeed or args.fsdp:
+            raise ValueError(
+                "BestSaveCallback saves the model's weights from one process and cannot yet "
+                "save a model DeepSpeed or FSDP shards over processes: keep the Trainer's own "
+                "saving (save_strategy) for such runs, or train with DDP"
+            )
         if args.save_strategy != "no":
             warn(
                 f"the Trainer also saves checkpoints (save_strategy={str(args.save_strategy)!r})"

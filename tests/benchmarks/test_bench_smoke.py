@@ -69,6 +69,15 @@ def test_every_framework_benchmark_prints_its_rows(tmp_path: Path) -> None:
     assert "| Lightning DDP, 2 processes | no checkpoint callback |" in table
 
 
+def test_transformers_benchmark_compares_the_trainers_own_saves(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    table, raw = bench(tmp_path, "transformers")
+    assert raw["errors"] == {}
+    assert "| Transformers `Trainer` | no checkpoint callback |" in table
+    assert '| | `save_strategy="epoch"`, `save_total_limit=1` |' in table
+    assert "| | `BestSaveCallback` |" in table
+
+
 def test_fsdp_benchmark_compares_dcp_save_and_async_save(tmp_path: Path) -> None:
     table, raw = bench(tmp_path, "fsdp")
     assert raw["errors"] == {}

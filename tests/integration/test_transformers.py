@@ -27,6 +27,8 @@ with contextlib.redirect_stdout(io.StringIO()):  # its W&B integration may print
         PreTrainedTokenizerFast,
         Trainer,
         TrainerCallback,
+        TrainerControl,
+        TrainerState,
         TrainingArguments,
     )
 
@@ -189,9 +191,13 @@ def test_bad_arguments_are_refused_with_the_fix(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         BestSaveCallback()  # eval_loss, min: the Trainer's default metric
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    args.fsdp = "full_shard"  # as a sharded run sets it; it is refused before any training
+    with pytest.raises(ValueError, match="DeepSpeed or FSDP"):
+        BestSaveCallback().on_train_begin(args, TrainerState(), TrainerControl())
 
 
-RUN = Path(__file__).parent / "data" / "transformers" / "run.py"
+RUN = Path(__file__).parent / "data" / "transformers" / "transformers_run.py"
 
 
 def run_script(out: Path, *options: str) -> int:
@@ -277,3 +283,16 @@ def test_the_trainers_own_mlflow_run_gets_the_best_checkpoint_folder(tmp_path, m
     folder = run.data.tags["best_checkpoint"]
     logged = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, folder)}
     assert logged == {p.name for p in Path(best.best.path).iterdir()}
+
+
+def test_core_options_pass_through_and_dirpath_places_the_run(tmp_path):
+    # Two monitors, each keeping its own best; a periodic copy every 2 epochs; files elsewhere.
+    best = BestSaveCallback(monitor=["eval_accuracy", "eval_loss"], keep_every_n_epochs=2,
+                            dirpath=tmp_path / "kept")  # fmt: skip
+    train(tmp_path / "out", [0.5, 0.8, 0.6, 0.7], best, eval_strategy="epoch", max_steps=-1,
+          num_train_epochs=4)  # fmt: skip
+    assert best.best.epoch == 1 and best.best.monitor == "eval_accuracy"
+    kept = load_manifest(tmp_path / "kept").kept
+    assert {r.monitor for r in kept if r.kind == "best"} == {"eval_accuracy", "eval_loss"}
+    assert {r.epoch for r in kept if r.kind == "periodic"} == {1, 3}
+    assert not list((tmp_path / "out").glob("checkpoint-*"))

@@ -317,7 +317,7 @@ def test_killed_fresh_interpreters_resume(tmp_path):
 # -- sharded runs: every rank writes its shards; one rank is killed, or all ------------------------
 
 SHARDED_EPOCHS = 24
-SHARDED_KILLS = max(3, KILLS // 3)  # a start costs two processes and a process group
+SHARDED_KILLS = max(3, 2 * KILLS // 3)  # a start costs two processes and a process group
 WORLD = 2
 VICTIMS = ([0], [1], [0, 1])  # in turn: rank 0 (the committer), rank 1, every rank
 needs_sharding = pytest.mark.skipif(
@@ -499,7 +499,10 @@ def kill_sharded_and_resume(context: Any, tmp_path: Path, kills: int, seed: int)
                 where = Where(str(tmp_path / f"run-{rounds}"), {}, SHARDED_EPOCHS)
                 committed = -1
     print(f"sharded: {done} kills, {interrupted} inside a save, {rounds} runs ended between")
-    assert interrupted >= min(kills, 10) // 2, f"only {interrupted} of {kills} kills hit a save"
+    # Most kills land inside a save in a long run (67-85 of 100 here); in a short one, how many
+    # do swings with the machine's load (3 to 8 of 10), so it only has to show that some do.
+    least = kills // 3 if kills >= 50 else 2
+    assert interrupted >= least, f"only {interrupted} of {kills} kills hit a save"
 
 
 @needs_sharding

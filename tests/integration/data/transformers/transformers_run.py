@@ -2,7 +2,7 @@
 uninterrupted one exactly), evaluated every 2 steps for 16 steps with a scripted accuracy, kept
 by ``BestSaveCallback(top_k=2, save_last=True, patience=5)``.
 
-    python run.py OUT [--kill-at STEP] [--resume]
+    python transformers_run.py OUT [--kill-at STEP] [--resume]
 
 ``--kill-at`` sends the process SIGKILL when that step ends (the write of the evaluation before
 it may still be in flight); ``--resume`` continues the run from ``OUT/last``.
