@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import signal
+import sys
 
 import torch
 
@@ -75,7 +76,13 @@ def main() -> None:
     last = os.path.join(args.out, "last") if args.resume else None
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train(resume_from_checkpoint=last)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # Skip the interpreter's shutdown: gloo's threads can still hold tensors then, and freeing
+    # them there can abort the process after everything is saved (pytorch/pytorch#179291).
+    sys.stdout.flush()
+    os._exit(0)
