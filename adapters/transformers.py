@@ -170,11 +170,14 @@ class BestSaveCallback(TrainerCallback):
             return  # trainer.evaluate() outside train(), on a test set say: not a candidate
         logged = dict(_train_logs(state))
         logged.update(metrics or {})
+        # Every process's RNG, gathered on every process alike before the decision, since
+        # only the writer writes and the Trainer resumes each process from a file of its own.
+        rng = _rng_states(args) if self.options.save_last else []
         decision = self.saver.step(
             _epoch(state),
             logged,
             step=state.global_step,
-            write=self._writer(state, model, processing_class, **kwargs),
+            write=self._writer(state, model, processing_class, rng, **kwargs),
         )
         if decision.should_stop:
             control.should_training_stop = True
@@ -205,7 +208,12 @@ class BestSaveCallback(TrainerCallback):
     # -- writing ------------------------------------------------------------------------------
 
     def _writer(
-        self, state: TrainerState, model: Any, processing_class: Any, **kwargs: Any
+        self,
+        state: TrainerState,
+        model: Any,
+        processing_class: Any,
+        rng: list[dict[str, Any]],
+        **kwargs: Any,
     ) -> Staged:
         """A folder ``from_pretrained`` loads (and with ``save_last``, that the Trainer resumes
         from): the state copied on the training thread, then the files written in the
@@ -219,11 +227,7 @@ class BestSaveCallback(TrainerCallback):
                 captured.update(
                     optimizer=optimizer.state_dict() if optimizer is not None else None,
                     scheduler=scheduler.state_dict() if scheduler is not None else None,
-                    rng={
-                        "python": random.getstate(),
-                        "numpy": np.random.get_state(),
-                        "cpu": torch.random.get_rng_state(),
-                    },
+                    rng=rng,
                     trainer_state=json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True),
                 )
             return self._stager.snapshot(captured)
@@ -245,7 +249,11 @@ class BestSaveCallback(TrainerCallback):
             for name, key in (("optimizer.pt", "optimizer"), ("scheduler.pt", "scheduler")):
                 if captured[key] is not None:
                     torch.save(captured[key], os.path.join(path, name))
-            torch.save(captured["rng"], os.path.join(path, "rng_state.pth"))
+            if len(captured["rng"]) == 1:
+                torch.save(captured["rng"][0], os.path.join(path, "rng_state.pth"))
+            else:
+                for index, states in enumerate(captured["rng"]):
+                    torch.save(states, os.path.join(path, f"rng_state_{index}.pth"))
             with open(os.path.join(path, "trainer_state.json"), "w") as f:
                 f.write(captured["trainer_state"] + "\n")
 
@@ -260,6 +268,25 @@ class BestSaveCallback(TrainerCallback):
         state.best_metric = best.score
         state.best_model_checkpoint = best.path
         state.best_global_step = best.step
+
+
+def _rng_states(args: TrainingArguments) -> list[dict[str, Any]]:
+    """Each process's random generators, by process index, as the Trainer's
+    ``_save_rng_state`` keeps them (one file per process when there are several)."""
+    distributed = args.world_size > 1
+    mine: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cpu": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        cuda = torch.cuda.random
+        mine["cuda"] = cuda.get_rng_state_all() if distributed else cuda.get_rng_state()
+    if not (distributed and torch.distributed.is_initialized()):
+        return [mine]
+    every: list[Any] = [None] * args.world_size
+    torch.distributed.all_gather_object(every, mine)
+    return every
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

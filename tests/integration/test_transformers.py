@@ -221,6 +221,7 @@ def test_a_killed_run_resumes_from_last_and_ends_as_an_uninterrupted_one(tmp_pat
         ours = tmp_path / "killed" / record.name / "model.safetensors"
         assert ours.read_bytes() == theirs.read_bytes(), record.name
     assert verify(tmp_path / "killed") == []
+    assert (tmp_path / "killed" / "last" / "rng_state.pth").is_file()
 
 
 def test_two_process_ddp_writes_once_and_keeps_what_one_process_keeps(tmp_path):
@@ -235,6 +236,12 @@ def test_two_process_ddp_writes_once_and_keeps_what_one_process_keeps(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".bestsave", "checkpoint-16", "checkpoint-8", "last"]  # fmt: skip
     assert verify(tmp_path) == []
+    # Each process's generators, in the file the Trainer resumes that process from.
+    last = tmp_path / "last"
+    assert not (last / "rng_state.pth").exists()
+    for index in (0, 1):
+        states = torch.load(last / f"rng_state_{index}.pth", weights_only=False)
+        assert {"python", "numpy", "cpu"} <= set(states)
 
 
 def test_an_evaluation_after_training_is_not_a_candidate(tmp_path):
