@@ -39,6 +39,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Literal
 
 Staging = Literal["two sets", "one set", "chunked", "streaming"]
@@ -179,8 +180,9 @@ def _read_kib(path: str, key: str) -> int | None:
 
 
 def _cgroup_room() -> int | None:
-    """Bytes left under this process's cgroup memory limit (v2, or v1's memory controller),
-    if it has one."""
+    """Bytes left under this process's cgroup memory limits (v2, or v1's memory controller),
+    if it has any: the least room of its cgroup and every cgroup above it, since a limit set on
+    a parent (a batch job's, with each task in a child of its own) binds the children too."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -190,23 +192,39 @@ def _cgroup_room() -> int | None:
         return None
     for _, controllers, path in lines:
         if controllers == "":
-            where = "/sys/fs/cgroup" + path
-            limit, usage = "memory.max", "memory.current"
+            root, limit, usage = "/sys/fs/cgroup", "memory.max", "memory.current"
         elif "memory" in controllers.split(","):
-            where = "/sys/fs/cgroup/memory" + path
-            limit, usage = "memory.limit_in_bytes", "memory.usage_in_bytes"
+            root, limit, usage = (
+                "/sys/fs/cgroup/memory",
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            )
         else:
             continue
-        try:
-            with open(os.path.join(where, limit)) as f:
-                most = f.read().strip()
-            with open(os.path.join(where, usage)) as f:
-                used = int(f.read())
-        except (OSError, ValueError):
-            continue
-        if most != "max" and int(most) < 1 << 60:  # v1 writes "no limit" as a huge number
-            return max(0, int(most) - used)
+        here = PurePosixPath(path)
+        rooms = [
+            room
+            for group in (here, *here.parents)
+            if (room := _room(root + str(group).rstrip("/"), limit, usage)) is not None
+        ]
+        if rooms:
+            return min(rooms)
     return None
+
+
+def _room(where: str, limit: str, usage: str) -> int | None:
+    """Bytes left under one cgroup's memory limit, or None if it has none (or cannot be read:
+    a cgroup outside this container's view)."""
+    try:
+        with open(os.path.join(where, limit)) as f:
+            most = f.read().strip()
+        with open(os.path.join(where, usage)) as f:
+            used = int(f.read())
+    except (OSError, ValueError):
+        return None
+    if most == "max" or int(most) >= 1 << 60:  # v1 writes "no limit" as a huge number
+        return None
+    return max(0, int(most) - used)
 
 
 def _address_space_room() -> int | None:

@@ -90,6 +90,35 @@ def test_a_run_under_a_cgroup_memory_limit_finishes_where_two_copies_get_it_kill
             group.rmdir()
 
 
+def test_a_limit_on_a_parent_cgroup_bounds_the_default_budget():
+    """A batch job's limit is often on the job's cgroup and each task runs in a child of it
+    with no limit of its own: the default budget still sees the job's."""
+    parent = memory_cgroup()
+    if parent is None:
+        pytest.skip("no memory cgroup can be made here (needs root and a writable hierarchy)")
+    child = parent / "task"
+    try:
+        v2 = (parent / "memory.max").exists()
+        if v2:
+            (parent / "cgroup.subtree_control").write_text("+memory")
+        (parent / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(3 << 30))
+        child.mkdir()
+        probe = (
+            "import os, sys; open(sys.argv[1], 'w').write(str(os.getpid()));"
+            "from bestsave.memory import Budget, available_memory;"
+            "print(*available_memory(), Budget.of(None).bytes, sep='\\n')"
+        )
+        run = subprocess.run([sys.executable, "-c", probe, str(child / "cgroup.procs")],
+                             capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        room, limit, budget = run.stdout.splitlines()
+        assert limit == "left under the cgroup's memory limit", run.stdout
+        assert 0 < int(room) <= 3 << 30 and 0 < int(budget) <= (3 << 30) // 2
+    finally:
+        if child.exists():
+            child.rmdir()
+        parent.rmdir()
+
+
 def test_a_run_under_an_address_space_limit_finishes_where_two_copies_fail(tmp_path):
     # glibc reserves 64 MB of address space for each thread's malloc arena, which RLIMIT_AS
     # counts though no memory backs it: one arena keeps the cap about memory.
