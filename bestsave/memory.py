@@ -70,8 +70,9 @@ def parse_size(value: int | str | None) -> int | None:
         if match and match.group(2).lower() in _UNITS:
             return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     raise ValueError(
-        f"staging_memory must be a number of bytes or a size such as '8GB' or '512MiB', not "
-        f"{value!r}; or None to let staging take half the memory available when training starts"
+        f"staging_memory must be a whole number of bytes (an int, such as 8_000_000_000) or a "
+        f"size such as '8GB' or '512MiB', not {value!r}; or None to let staging take half the "
+        f"memory available when training starts"
     )
 
 

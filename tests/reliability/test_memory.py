@@ -184,6 +184,8 @@ def test_a_bad_budget_says_how_to_write_one(tmp_path):
         SaverOptions(monitor="val_loss", staging_memory="lots")
     with pytest.raises(ValueError, match="staging_memory must be"):
         TorchCheckpointer(tmp_path, monitor="val_loss", staging_memory=-1)
+    with pytest.raises(ValueError, match=r"whole number of bytes \(an int"):
+        SaverOptions(monitor="val_loss", staging_memory=8e9)
 
 
 def test_a_chunked_write_that_fails_keeps_the_best_and_says_why(tmp_path, monkeypatch):
