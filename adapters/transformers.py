@@ -67,8 +67,9 @@ class BestSaveCallback(TrainerCallback):
     """Keeps the best checkpoints of a ``transformers.Trainer``, judged at every evaluation.
 
     Args:
-        monitor: The metric that decides, as the Trainer names it (``"eval_loss"``,
-            ``"eval_f1"``: ``compute_metrics``'s names with the ``eval_`` prefix); or several.
+        monitor: The metric that decides, as ``metric_for_best_model`` names it: an
+            evaluation's metric with or without the ``eval_`` prefix (``"f1"`` and
+            ``"eval_f1"`` both mean ``compute_metrics``'s ``f1``); or several.
         mode: ``"min"``, ``"max"`` or ``"auto"`` (from the name), one per monitor or one for all.
         dirpath: Where the checkpoints and the run's files go; ``args.output_dir`` by default.
         filename: Template of each kept folder's name; ``checkpoint-{step}`` as the Trainer's.
@@ -101,7 +102,7 @@ class BestSaveCallback(TrainerCallback):
         load_best_at_end: bool = False,
         **options: Unpack[Options],
     ) -> None:
-        self.options = SaverOptions.of(monitor=monitor, mode=mode, filename=filename,
+        self.options = SaverOptions.of(monitor=_evaluated(monitor), mode=mode, filename=filename,
                                        save_last=save_last, **options)  # fmt: skip
         """bestsave's options (:class:`bestsave.SaverOptions`), checked now."""
         if not isinstance(load_best_at_end, bool):
@@ -268,6 +269,14 @@ class BestSaveCallback(TrainerCallback):
         state.best_metric = best.score
         state.best_model_checkpoint = best.path
         state.best_global_step = best.step
+
+
+def _evaluated(monitor: str | Sequence[str]) -> str | list[str]:
+    """Monitor names as the Trainer reads ``metric_for_best_model``: ``"f1"`` is the
+    evaluation's ``"eval_f1"``."""
+    names = [monitor] if isinstance(monitor, str) else list(monitor)
+    named = [n if not isinstance(n, str) or n.startswith("eval_") else f"eval_{n}" for n in names]
+    return named[0] if isinstance(monitor, str) else named
 
 
 def _rng_states(args: TrainingArguments) -> list[dict[str, Any]]:

@@ -162,17 +162,18 @@ def test_patience_stops_training_through_the_trainer(tmp_path):
 
 def test_the_same_best_as_the_trainers_own_where_both_see_it(tmp_path):
     """With evaluation and saving at every epoch, the Trainer's load_best_model_at_end and
-    bestsave choose the same evaluation."""
+    bestsave choose the same evaluation, named alike (``eval_`` prefix or not, as the Trainer)."""
     scores = [0.5, 0.8, 0.6, 0.7]
     theirs = train(tmp_path / "theirs", scores, eval_strategy="epoch", save_strategy="epoch",
-                   load_best_model_at_end=True, metric_for_best_model="eval_accuracy",
+                   load_best_model_at_end=True, metric_for_best_model="accuracy",
                    max_steps=-1, num_train_epochs=4)  # fmt: skip
-    ours = BestSaveCallback(monitor="eval_accuracy")
+    ours = BestSaveCallback(monitor="accuracy")
     train(tmp_path / "ours", scores, ours, eval_strategy="epoch", max_steps=-1,
           num_train_epochs=4)  # fmt: skip
     assert theirs.state.best_global_step == ours.best.step == 16
     assert theirs.state.best_metric == ours.best.score == 0.8
     assert ours.best.epoch == 1  # the second epoch, 0-based as every bestsave record
+    assert ours.best.monitor == "eval_accuracy"
 
 
 def test_a_trainer_that_also_saves_is_told_how_to_leave_saving_to_bestsave(tmp_path):
@@ -294,7 +295,7 @@ def test_the_trainers_own_mlflow_run_gets_the_best_checkpoint_folder(tmp_path, m
 
 def test_core_options_pass_through_and_dirpath_places_the_run(tmp_path):
     # Two monitors, each keeping its own best; a periodic copy every 2 epochs; files elsewhere.
-    best = BestSaveCallback(monitor=["eval_accuracy", "eval_loss"], keep_every_n_epochs=2,
+    best = BestSaveCallback(monitor=["eval_accuracy", "loss"], keep_every_n_epochs=2,
                             dirpath=tmp_path / "kept")  # fmt: skip
     train(tmp_path / "out", [0.5, 0.8, 0.6, 0.7], best, eval_strategy="epoch", max_steps=-1,
           num_train_epochs=4)  # fmt: skip
